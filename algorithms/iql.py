@@ -47,10 +47,10 @@ CONFIG_SECTIONS = ("iql",)
 
 @dataclass
 class TrainConfig:
-    # ---- data and environment
+    """Every field can be set in the YAML file or on the command line (--field value)."""
+
     dataset: str = "random:Hopper-v5:20000"  # d4rl:<name> | minari:<id> | hdf5:<path> | random:<EnvId>:<transitions>
     env: str = ""  # gymnasium env id; empty: the env that belongs to the dataset
-    # ---- experiment
     seed: int = 0  # seed of torch, numpy and the training env
     eval_seed: int = 0  # seed of the evaluation env
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
@@ -65,7 +65,6 @@ class TrainConfig:
     normalize_reward: bool = False  # locomotion only: scale rewards by max_episode_steps / (max - min episode return)
     reward_scale: float = 1.0  # after normalize_reward: reward * reward_scale + reward_bias
     reward_bias: float = 0.0  # after normalize_reward: reward * reward_scale + reward_bias (AntMaze: -1)
-    # ---- IQL
     discount: float = 0.99  # discount factor
     tau: float = 0.005  # target Q network soft-update rate
     beta: float = 3.0  # inverse temperature of the advantage weights; small: BC, large: greedy
@@ -79,7 +78,6 @@ class TrainConfig:
     vf_lr: float = 3e-4  # value-network learning rate
     hidden_dim: int = 256  # width of every hidden layer
     n_hidden: int = 2  # hidden layers of actor, Q and value networks
-    # ---- logging and checkpoints
     project: str = "CORL"  # W&B project
     group: str = "IQL-D4RL"  # W&B group
     name: str = ""  # run name; empty: <algorithm>-<dataset>-seed<seed>-<8 hex>
@@ -186,10 +184,31 @@ def read_config_file(path: str, config_class: type, own_sections: Tuple[str, ...
     return merged
 
 
+BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
+def check_command_line(config_class: type, args: List[str]) -> None:
+    """Unknown options and non-boolean words for booleans are errors naming the option."""
+    defaults = config_class()
+    for i, arg in enumerate(args):
+        if not arg.startswith("--") or arg in ("--help", "-h"):
+            continue
+        key, eq, value = arg[2:].partition("=")
+        head, _, tail = key.partition(".")
+        owner = getattr(defaults, head) if tail and hasattr(defaults, head) else defaults
+        name = tail or head
+        if not hasattr(defaults, head) or (tail and not (is_dataclass(owner) and hasattr(owner, tail))):
+            raise UserError(f"unknown option --{key} (see --help)")
+        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if isinstance(getattr(owner, name), bool) and value.lower() not in BOOLEAN_WORDS:
+            raise UserError(f"--{key} takes true or false, not {value!r}")
+
+
 def parse_config(config_class: type, own_sections: Tuple[str, ...], argv: Optional[List[str]] = None) -> Any:
     """Dataclass from defaults < config file < command line (`--key value`, `--section.key value`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path, rest = _pop_config_argument(argv)
+    check_command_line(config_class, rest)
     with tempfile.TemporaryDirectory() as tmp:
         config_path = None
         if path is not None:
@@ -202,7 +221,12 @@ def parse_config(config_class: type, own_sections: Tuple[str, ...], argv: Option
         except SystemExit:
             raise
         except Exception as error:  # pyrallis reports bad types with its own exceptions
-            raise UserError(f"bad configuration: {str(error).strip().splitlines()[-1]}") from None
+            message = str(error)
+            field = re.search(r"value=(.*?) into field \"[^\"]*?\.([\w.]+)\" of type <class '(\w+)'>", message)
+            if field:
+                value, name, kind = field.groups()
+                raise UserError(f"{name} = {value} is not a valid {kind}") from None
+            raise UserError(f"bad configuration: {message.strip().splitlines()[-1].strip()}") from None
 
 
 def check_range(
