@@ -1,0 +1,142 @@
+"""Bad input ends with exit code 2 and one line on stderr, no traceback, and no summary.json."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import rollout_arrays, run_script, write_d4rl_file
+
+TINY = ["--offline_iterations", "2", "--online_iterations", "2", "--eval_freq", "2", "--n_episodes", "1",
+        "--wandb_mode", "disabled"]
+
+
+def run_main(module, capsys, *args: str) -> str:
+    """main() in-process: returns its one error line after checking the exit code.
+
+    Progress bars of work done before the error (collecting data) may precede it on stderr.
+    """
+    code = module.main(list(args))
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if "%|" not in line]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def hopper_file(isolated_data: Path) -> Path:
+    return write_d4rl_file(isolated_data / "hopper.hdf5", **rollout_arrays("Hopper-v5", 120),
+                           attrs={"env_id": "Hopper-v5"})
+
+
+def run_dir_has_no_summary(log_dir: Path) -> bool:
+    return not list(log_dir.rglob("summary.json"))
+
+
+@pytest.mark.parametrize("algorithm", ["iql", "calql"])
+def test_missing_file_is_one_line_without_traceback(algorithm, isolated_data):
+    result = run_script(algorithm, "--dataset", f"hdf5:{isolated_data}/nope.hdf5", "--log_dir",
+                        str(isolated_data / "runs"), *TINY)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: dataset file not found: {isolated_data}/nope.hdf5"]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert run_dir_has_no_summary(isolated_data / "runs")
+
+
+def test_corrupted_hdf5(iql, capsys, isolated_data):
+    path = isolated_data / "broken.hdf5"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"garbage" * 100)
+    line = run_main(iql, capsys, "--dataset", f"hdf5:{path}", "--env", "Hopper-v5", *TINY)
+    assert "cannot read HDF5 file" in line and str(path) in line
+
+
+def test_truncated_real_hdf5(iql, capsys, hopper_file):
+    data = hopper_file.read_bytes()
+    hopper_file.write_bytes(data[: len(data) // 2])
+    line = run_main(iql, capsys, "--dataset", f"hdf5:{hopper_file}", *TINY)
+    assert "cannot read HDF5 file" in line
+
+
+def test_missing_keys(iql, capsys, isolated_data):
+    arrays = rollout_arrays("Hopper-v5", 50)
+    path = write_d4rl_file(isolated_data / "nokeys.hdf5", **arrays, skip=("rewards", "terminals"))
+    line = run_main(iql, capsys, "--dataset", f"hdf5:{path}", "--env", "Hopper-v5", *TINY)
+    assert "lacks the key(s) rewards, terminals" in line
+
+
+@pytest.mark.parametrize("key", ["observations", "actions", "rewards"])
+def test_nan_and_inf_are_counted_with_first_index(iql, capsys, isolated_data, key):
+    arrays = rollout_arrays("Hopper-v5", 80)
+    arrays[key][17] = np.nan
+    arrays[key][40] = np.inf
+    arrays[key][41] = -np.inf
+    path = write_d4rl_file(isolated_data / "nan.hdf5", **arrays, attrs={"env_id": "Hopper-v5"})
+    line = run_main(iql, capsys, "--dataset", f"hdf5:{path}", *TINY)
+    assert f"3 row(s) of '{key}' hold NaN or inf (first at index 17)" in line
+
+
+def test_observation_size_must_match_env(iql, capsys, hopper_file):
+    line = run_main(iql, capsys, "--dataset", f"hdf5:{hopper_file}", "--env", "Walker2d-v5", *TINY)
+    assert "observations have 11 numbers but env 'Walker2d-v5' gives 17" in line
+
+
+def test_action_size_must_match_env(iql, capsys, isolated_data):
+    arrays = rollout_arrays("Hopper-v5", 60)
+    arrays["actions"] = np.zeros((60, 5), np.float32)
+    path = write_d4rl_file(isolated_data / "acts.hdf5", **arrays, attrs={"env_id": "Hopper-v5"})
+    line = run_main(iql, capsys, "--dataset", f"hdf5:{path}", *TINY)
+    assert "actions have 5 numbers but env 'Hopper-v5' takes 3" in line
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ("s3:bucket/file", "unknown dataset scheme"),
+    ("d4rl:hopper-great-v2", "unknown D4RL dataset 'hopper-great-v2'"),
+    ("random:Hopper-v5", "use random:<EnvId>:<transitions>"),
+    ("random:NoSuchEnv-v0:100", "cannot make env 'NoSuchEnv-v0'"),
+    ("minari:nobody/nothing-v0", "cannot load Minari dataset 'nobody/nothing-v0'"),
+])
+def test_unknown_dataset(iql, capsys, dataset, message):
+    assert message in run_main(iql, capsys, "--dataset", dataset, *TINY)
+
+
+def test_missing_d4rl_file_says_where_to_put_it(iql, capsys, isolated_data, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    line = run_main(iql, capsys, "--dataset", "d4rl:hopper-medium-v2", *TINY)
+    expected = isolated_data / "d4rl" / "hopper_medium-v2.hdf5"
+    assert f"put it at {expected}" in line and "gym_mujoco_v2/hopper_medium-v2.hdf5" in line
+    assert not expected.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--offline_iterations", "-1"], "offline_iterations = -1 is outside [0, inf]"),
+    (["--online_iterations", "-10"], "online_iterations = -10 is outside [0, inf]"),
+    (["--batch_size", "0"], "batch_size = 0 is outside [1, inf]"),
+    (["--wandb_mode", "sometimes"], "wandb_mode = 'sometimes'"),
+    (["--seed", "three"], "seed = 'three' is not a valid int"),
+    (["--normalize", "perhaps"], "--normalize takes true or false"),
+    (["--no_such_option", "1"], "unknown option --no_such_option"),
+])
+def test_invalid_values(iql, capsys, args, message):
+    assert message in run_main(iql, capsys, "--dataset", "random:Hopper-v5:100", *args)
+
+
+@pytest.mark.parametrize("ratio", ["-0.1", "1.5"])
+def test_ratio_outside_unit_interval(calql, capsys, ratio):
+    assert f"mixing_ratio = {float(ratio)} is outside [0.0, 1.0]" in run_main(
+        calql, capsys, "--dataset", "random:Hopper-v5:100", "--mixing_ratio", ratio)
+
+
+def test_checkpoint_of_other_algorithm_is_refused(iql, calql, capsys, isolated_data):
+    import torch
+
+    path = isolated_data / "calql.pt"
+    torch.save({"algorithm": "calql", "agent": {}}, path)
+    line = run_main(iql, capsys, "--dataset", "random:Hopper-v5:100", "--load_model", str(path), *TINY,
+                    "--log_dir", str(isolated_data / "runs"))
+    assert "written by 'calql', not 'iql'" in line
+    assert run_dir_has_no_summary(isolated_data / "runs")

@@ -1,0 +1,106 @@
+"""Config files and command line: --config, per-algorithm sections, overrides, unknown keys, --help."""
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from conftest import ALGORITHMS, ROOT, run_script
+
+CONFIG = """\
+dataset: random:Hopper-v5:300
+offline_iterations: 7
+eval_freq: 3
+iql:
+  beta: 10.0
+  batch_size: 32
+calql:
+  cql_alpha: 2.5
+  batch_size: 64
+edis:
+  anything_for_another_script: 1
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "task.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.mark.parametrize("flag", ["--config", "--config_path"])
+def test_config_flag_and_pyrallis_alias(iql, config_file, flag):
+    config = iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS, [flag, str(config_file)])
+    assert config.dataset == "random:Hopper-v5:300" and config.offline_iterations == 7
+    config = iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS, [f"{flag}={config_file}"])
+    assert config.eval_freq == 3
+
+
+def test_each_script_reads_its_own_section(iql, calql, config_file):
+    iql_config = iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS, ["--config", str(config_file)])
+    calql_config = calql.parse_config(calql.TrainConfig, calql.CONFIG_SECTIONS, ["--config", str(config_file)])
+    assert (iql_config.beta, iql_config.batch_size) == (10.0, 32)
+    assert (calql_config.cql_alpha, calql_config.batch_size) == (2.5, 64)
+
+
+def test_command_line_overrides_file(iql, config_file):
+    config = iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS,
+                              ["--config", str(config_file), "--beta", "1.5", "--seed", "3", "--device", "cpu"])
+    assert (config.beta, config.seed, config.device, config.batch_size) == (1.5, 3, "cpu", 32)
+
+
+def test_unknown_top_level_key_names_key_and_file(iql, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("dataset: random:Hopper-v5:100\nlearning_rate_typo: 3\n")
+    with pytest.raises(iql.UserError, match=f"unknown key 'learning_rate_typo' in {re.escape(str(path))}"):
+        iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS, ["--config", str(path)])
+
+
+def test_unknown_key_in_own_section(calql, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("calql:\n  cql_alhpa: 3\niql:\n  whatever: 1\n")
+    with pytest.raises(calql.UserError, match=f"unknown key 'calql.cql_alhpa' in {re.escape(str(path))}"):
+        calql.parse_config(calql.TrainConfig, calql.CONFIG_SECTIONS, ["--config", str(path)])
+
+
+def test_unreadable_config_file(iql, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("dataset: [unclosed\n")
+    with pytest.raises(iql.UserError, match="cannot read config file"):
+        iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS, ["--config", str(path)])
+    with pytest.raises(iql.UserError, match="config file not found"):
+        iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS, ["--config", str(tmp_path / "none.yaml")])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_parses_for_every_algorithm(path, iql, calql):
+    for module in (iql, calql):
+        config = module.parse_config(module.TrainConfig, module.CONFIG_SECTIONS, ["--config", str(path)])
+        module.validate_config(config)
+
+
+def test_shipped_configs_cover_the_paper_and_corl_datasets():
+    names = {str(p.relative_to(ROOT / "configs"))[:-5] for p in (ROOT / "configs").rglob("*.yaml")}
+    expected = {f"mujoco/{env}-{kind}" for env in ("hopper", "halfcheetah", "walker2d")
+                for kind in ("random", "medium", "medium-replay", "medium-expert")}
+    expected |= {f"antmaze/{maze}" for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse",
+                                               "large-play", "large-diverse")}
+    expected |= {f"adroit/{task}-{kind}" for task in ("pen", "door", "hammer", "relocate")
+                 for kind in ("cloned", "human")}
+    expected.add("local/hopper-random")
+    assert expected <= names
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_help_lists_every_field_with_its_comment(algorithm, request):
+    module = request.getfixturevalue(algorithm)
+    result = run_script(algorithm, "--help", timeout=120)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    source = (ROOT / "algorithms" / f"{algorithm}.py").read_text()
+    for field in fields(module.TrainConfig):
+        assert f"--{field.name} " in text, field.name
+        comment = re.search(rf"^    {field.name}: [^#\n]*# (.+)$", source, re.M)
+        assert comment, f"{field.name} has no comment"
+        assert " ".join(comment.group(1).split())[:30] in text, field.name
