@@ -953,10 +953,11 @@ class ImplicitQLearning:
         soft_update(self.q_target, self.qf, self.config.tau)
 
         exp_advantage = torch.exp(self.config.beta * advantage.detach()).clamp(max=EXP_ADV_MAX)
+        unit_actions = actions / self.max_action  # the actor's outputs live in [-1, 1]
         if isinstance(self.actor, GaussianPolicy):
-            bc_losses = -self.actor.log_prob(states, actions)
+            bc_losses = -self.actor.log_prob(states, unit_actions)
         else:
-            bc_losses = ((self.actor(states) - actions) ** 2).sum(-1)
+            bc_losses = ((self.actor(states) - unit_actions) ** 2).sum(-1)
         actor_loss = torch.mean(exp_advantage * bc_losses)
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()

@@ -93,3 +93,40 @@ def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.Complete
     """Runs algorithms/<name>.py in a subprocess, as a user would, with the test's environment."""
     return subprocess.run([sys.executable, str(ROOT / "algorithms" / f"{name}.py"), *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, env=dict(os.environ))
+
+
+def pendulum_controller(observation: np.ndarray) -> float:
+    """Energy-pumping swing-up with a PD catch near the top: about -150 return on Pendulum-v1."""
+    cos_angle, _, velocity = observation
+    angle = np.arctan2(observation[1], cos_angle)
+    if cos_angle > 0.8:
+        return float(np.clip(-10.0 * angle - 2.0 * velocity, -2.0, 2.0))
+    energy = 0.5 * velocity**2 + 15.0 * (cos_angle - 1.0)  # 0 when balanced upright
+    return 2.0 * np.sign(velocity) if energy < 0 else -0.5 * velocity
+
+
+def write_pendulum_dataset(path: Path, episodes: int = 100, expert_share: float = 0.3, seed: int = 0) -> float:
+    """Pendulum-v1 data: a share of noisy controller episodes, the rest uniform random.
+
+    Returns the mean episode return of the data (the behaviour policy's score).
+    """
+    import gymnasium as gym
+
+    env = gym.make("Pendulum-v1")
+    rng = np.random.default_rng(seed)
+    rows: Dict[str, List] = {key: [] for key in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    returns = []
+    for episode in range(episodes):
+        observation, _ = env.reset(seed=seed + episode)
+        expert, episode_return, done = episode < episodes * expert_share, 0.0, False
+        while not done:
+            action = pendulum_controller(observation) + rng.normal(0, 0.3) if expert else rng.uniform(-2, 2)
+            action = np.clip([action], -2.0, 2.0).astype(np.float32)
+            next_observation, reward, terminated, truncated, _ = env.step(action)
+            for key, value in zip(rows, (observation, action, reward, terminated, truncated), strict=True):
+                rows[key].append(value)
+            episode_return += float(reward)
+            observation, done = next_observation, terminated or truncated
+        returns.append(episode_return)
+    write_d4rl_file(path, **{key: np.asarray(value) for key, value in rows.items()}, attrs={"env_id": "Pendulum-v1"})
+    return float(np.mean(returns))

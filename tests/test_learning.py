@@ -1,0 +1,37 @@
+"""Learning checks: offline training must turn mixed-quality data into a policy better than the data.
+
+Pendulum-v1 data: 30% noisy episodes of a swing-up controller (about -150 return), 70% uniform
+random (about -1200). The data's own mean return is about -890 and an untrained actor scores
+about -1300; a learner that does not learn (no actor update, wrong targets, broken sampling)
+stays there. Measured on this 2-core CPU: IQL 4000 updates -360 to -480 over seeds 0-3 (beta 10);
+Cal-QL 3000 updates (cql_alpha 1, batch 128) -200 at seed 0, -909 after only 2000.
+"""
+
+import json
+
+import pytest
+from conftest import write_pendulum_dataset
+
+MARGIN = 150.0  # the learned policy must beat the data's mean return by this much
+
+
+@pytest.fixture(scope="module")
+def pendulum(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pendulum") / "pendulum.hdf5"
+    return path, write_pendulum_dataset(path)
+
+
+@pytest.mark.parametrize("algorithm, args", [
+    ("iql", ["--offline_iterations", "4000", "--beta", "10"]),
+    ("calql", ["--offline_iterations", "3000", "--batch_size", "128", "--cql_alpha", "1"]),
+])
+def test_offline_training_beats_the_data(algorithm, args, pendulum, tmp_path, request):
+    module = request.getfixturevalue(algorithm)
+    path, data_return = pendulum
+    assert data_return < -700, "the data must leave room to improve"
+    code = module.main(["--dataset", f"hdf5:{path}", "--online_iterations", "0", "--eval_freq", "100000",
+                        "--n_episodes", "10", "--wandb_mode", "disabled", "--device", "cpu", "--seed", "0",
+                        "--log_dir", str(tmp_path), "--name", "learn", *args])
+    assert code == 0
+    learned = json.loads((tmp_path / "learn" / "summary.json").read_text())["offline"]["final_return"]
+    assert learned > data_return + MARGIN, f"{algorithm}: {learned:.0f} vs data mean {data_return:.0f}"
