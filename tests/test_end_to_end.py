@@ -123,7 +123,8 @@ def test_adroit_run_reports_success_rate(calql, isolated_data, tmp_path):
     n = 300
     write_d4rl_file(isolated_data / "d4rl" / "pen-cloned-v1.hdf5",
                     observations=rng.normal(size=(n, 45)).astype(np.float32),
-                    actions=rng.uniform(-1, 1, (n, 24)).astype(np.float32), rewards=rng.normal(size=n).astype(np.float32),
+                    actions=rng.uniform(-1, 1, (n, 24)).astype(np.float32),
+                    rewards=rng.normal(size=n).astype(np.float32),
                     terminals=np.zeros(n, bool), timeouts=np.zeros(n, bool))
     assert calql.main(["--dataset", "d4rl:pen-cloned-v1", "--offline_iterations", "3", "--online_iterations", "3",
                        "--eval_freq", "3", "--n_episodes", "1", "--batch_size", "16", "--wandb_mode", "disabled",

@@ -1,0 +1,202 @@
+"""Reproduce the results table: run algorithms x configs x seeds, then report measured beside published.
+
+Run locally, one run after another (a run whose summary.json exists is skipped, so a dead
+sweep resumes where it stopped):
+
+    python benchmarks/table.py run --algorithms iql calql --configs configs/adroit/pen-cloned.yaml --seeds 0 1 2 3
+
+On a cluster, write the same runs as one command per line, or as a SLURM array job:
+
+    python benchmarks/table.py run --configs configs/antmaze/*.yaml --print-commands > jobs.txt
+    python benchmarks/table.py run --configs configs/antmaze/*.yaml --slurm jobs.sbatch && sbatch jobs.sbatch
+
+Then, wherever the run folders were gathered:
+
+    python benchmarks/table.py report --log-dir runs/table
+
+CPU scale (data made on this machine, minutes): --configs configs/local/hopper-random.yaml.
+Full-scale configs (1M updates) are GPU work: about 2 h (IQL) to a day (Cal-QL) per run on one GPU.
+Anything after `--` is passed to every run, e.g. `-- --device cuda --wandb_mode online`.
+"""
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = json.loads((Path(__file__).with_name("reference_scores.json")).read_text())
+
+
+def config_key(path: str) -> str:
+    """configs/adroit/pen-cloned.yaml -> adroit/pen-cloned."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(ROOT / "configs").with_suffix(""))
+    except ValueError:
+        return resolved.stem
+
+
+def run_name(algorithm: str, key: str, seed: int) -> str:
+    return f"{algorithm}--{key.replace('/', '__')}--seed{seed}"
+
+
+def parse_run_name(name: str) -> Optional[tuple]:
+    parts = name.split("--")
+    if len(parts) != 3 or not parts[2].startswith("seed"):
+        return None
+    return parts[0], parts[1].replace("__", "/"), int(parts[2][4:])
+
+
+def commands(args: argparse.Namespace) -> List[tuple]:
+    jobs = []
+    for config in args.configs:
+        if not Path(config).is_file():
+            sys.exit(f"error: config not found: {config}")
+        key = config_key(config)
+        for algorithm in args.algorithms:
+            script = ROOT / "algorithms" / f"{algorithm}.py"
+            if not script.is_file():
+                sys.exit(f"error: no algorithm file {script}")
+            for seed in args.seeds:
+                name = run_name(algorithm, key, seed)
+                command = ["python", str(script.relative_to(ROOT)), "--config", config, "--seed", str(seed),
+                           "--name", name, "--log_dir", args.log_dir, *args.extra]
+                jobs.append((name, command))
+    return jobs
+
+
+def run(args: argparse.Namespace) -> None:
+    jobs = commands(args)
+    if args.print_commands:
+        for _, command in jobs:
+            print(shlex.join(command))
+        return
+    if args.slurm:
+        lines = "\n".join(shlex.join(command) for _, command in jobs)
+        Path(args.slurm).write_text(
+            "#!/bin/bash\n"
+            f"#SBATCH --array=1-{len(jobs)}\n#SBATCH --gres=gpu:1\n#SBATCH --cpus-per-task=4\n"
+            f"#SBATCH --output={args.log_dir}/slurm-%A_%a.out\n"
+            f"cd {shlex.quote(str(ROOT))}\n"
+            "read -r -d '' JOBS <<'END_OF_JOBS'\n" + lines + "\nEND_OF_JOBS\n"
+            'eval "$(echo "$JOBS" | sed -n "${SLURM_ARRAY_TASK_ID}p")"\n')
+        print(f"wrote {args.slurm}: {len(jobs)} runs (submit with: sbatch {args.slurm})")
+        return
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    for index, (name, command) in enumerate(jobs, 1):
+        if (Path(args.log_dir) / name / "summary.json").is_file():
+            print(f"[{index}/{len(jobs)}] {name}: done before, skipped")
+            continue
+        print(f"[{index}/{len(jobs)}] {name}", flush=True)
+        with open(Path(args.log_dir) / f"{name}.log", "w") as log:
+            code = subprocess.call([sys.executable, *command[1:]], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if code != 0:
+            print(f"  failed (exit {code}); see {Path(args.log_dir) / f'{name}.log'}")
+
+
+def score(phase: Dict) -> Optional[float]:
+    value = phase.get("final_normalized_score")
+    return phase.get("final_return") if value is None else value
+
+
+def mean_std(values: List[float]) -> str:
+    if not values:
+        return "-"
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+def reference_columns(algorithm: str, key: str) -> tuple:
+    base = algorithm.replace("_edis", "")
+    corl = REFERENCE["corl"].get(base, {}).get(key)
+    edis = REFERENCE["edis"].get(key) if algorithm.endswith("_edis") else None
+    return (f"{corl[0]:.1f} → {corl[1]:.1f}" if corl else "-"), (f"{edis:.1f}" if edis is not None else "-")
+
+
+def report(args: argparse.Namespace) -> None:
+    results: Dict[tuple, Dict[str, List[float]]] = defaultdict(lambda: {"offline": [], "online": []})
+    for summary_path in sorted(Path(args.log_dir).glob("*/summary.json")):
+        parsed = parse_run_name(summary_path.parent.name)
+        if parsed is None:
+            continue
+        algorithm, key, _ = parsed
+        summary = json.loads(summary_path.read_text())
+        for phase in ("offline", "online"):
+            value = score(summary[phase])
+            if value is not None:
+                results[(key, algorithm)][phase].append(value)
+    if not results:
+        sys.exit(f"error: no finished runs (summary.json) under {args.log_dir}")
+    header = ("| config | algorithm | seeds | measured offline | measured online | CORL offline → online "
+              "| EDIS paper |\n|---|---|---|---|---|---|---|")
+    rows = []
+    for (key, algorithm), phases in sorted(results.items()):
+        corl, edis = reference_columns(algorithm, key)
+        rows.append(f"| {key} | {algorithm} | {len(phases['online']) or len(phases['offline'])} | "
+                    f"{mean_std(phases['offline'])} | {mean_std(phases['online'])} | {corl} | {edis} |")
+    table = "\n".join([header, *rows])
+    note = ("Scores: final D4RL-normalised score x 100 of each phase (raw return where the data has no "
+            "reference returns), mean ± std over seeds.")
+    print(table + "\n\n" + note)
+    (Path(args.log_dir) / "report.md").write_text(table + "\n\n" + note + "\n")
+    plot(results, Path(args.log_dir) / "report.png")
+    print(f"\nwrote {Path(args.log_dir) / 'report.md'} and report.png")
+
+
+def plot(results: Dict[tuple, Dict[str, List[float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(results)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 4))
+    x = np.arange(len(keys))
+    for offset, phase in ((-0.2, "offline"), (0.2, "online")):
+        means = [np.mean(results[k][phase]) if results[k][phase] else np.nan for k in keys]
+        stds = [np.std(results[k][phase]) if results[k][phase] else 0.0 for k in keys]
+        ax.bar(x + offset, means, 0.4, yerr=stds, label=f"measured {phase}", capsize=3)
+    for i, (key, algorithm) in enumerate(keys):
+        corl = REFERENCE["corl"].get(algorithm.replace("_edis", ""), {}).get(key)
+        edis = REFERENCE["edis"].get(key) if algorithm.endswith("_edis") else None
+        for value, marker, label in ((corl[1] if corl else None, "k_", "CORL online"), (edis, "r*", "EDIS paper")):
+            if value is not None:
+                ax.plot(i + 0.2, value, marker, markersize=14, label=label)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    ax.set_xticks(x, [f"{key}\n{algorithm}" for key, algorithm in keys], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("final score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands_parser = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands_parser.add_parser("run", help="run (or print) algorithms x configs x seeds")
+    run_parser.add_argument("--algorithms", nargs="+", default=["iql", "calql"])
+    run_parser.add_argument("--configs", nargs="+", default=["configs/local/hopper-random.yaml"])
+    run_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    run_parser.add_argument("--log-dir", default="runs/table")
+    run_parser.add_argument("--print-commands", action="store_true", help="print one command per run, run nothing")
+    run_parser.add_argument("--slurm", metavar="FILE", help="write a SLURM array script, run nothing")
+    run_parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run")
+    report_parser = commands_parser.add_parser("report", help="table and plot of finished runs")
+    report_parser.add_argument("--log-dir", default="runs/table")
+    args = parser.parse_args()
+    if args.command == "run":
+        args.extra = [a for a in args.extra if a != "--"]
+        run(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
