@@ -831,6 +831,7 @@ def transition_columns(data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
             "next_states": data["next_observations"], "dones": data["terminals"][:, None]}
 # ==== END SHARED: replay buffer ====
 
+# ==== BEGIN SHARED: Cal-QL returns-to-go, networks and agent ====
 # ---------------------------------------------------------------------------------------------
 # Cal-QL: Monte-Carlo returns-to-go of the offline data (the calibration bound)
 # ---------------------------------------------------------------------------------------------
@@ -1101,6 +1102,7 @@ class CalQL:
                 setattr(self, name, value)
             else:
                 getattr(self, name).load_state_dict(value)
+# ==== END SHARED: Cal-QL returns-to-go, networks and agent ====
 
 
 # ==== BEGIN SHARED: evaluation ====

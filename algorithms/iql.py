@@ -826,6 +826,7 @@ def transition_columns(data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 # ==== END SHARED: replay buffer ====
 
 
+# ==== BEGIN SHARED: IQL networks and agent ====
 # ---------------------------------------------------------------------------------------------
 # Networks
 # ---------------------------------------------------------------------------------------------
@@ -995,6 +996,7 @@ class ImplicitQLearning:
                      "actor_lr_schedule"):
             getattr(self, name).load_state_dict(state[name])
         self.total_it = state["total_it"]
+# ==== END SHARED: IQL networks and agent ====
 
 
 # ==== BEGIN SHARED: evaluation ====
