@@ -9,8 +9,8 @@ data (the calibration). Online, a batch mixes the offline buffer and a separate 
     python algorithms/calql.py --config configs/local/hopper-random.yaml
     python algorithms/calql.py --config configs/antmaze/umaze.yaml --seed 3 --device cpu
 
-The file is self-contained: copy it into your project and it runs. Sections marked
-`BEGIN SHARED` are identical in every algorithm file of this repository.
+The file is self-contained: copy it into your project and it runs. A section marked
+`BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name holds it identically.
 """
 
 import copy
@@ -824,6 +824,12 @@ class ReplayBuffer:
         index = torch.randint(0, self.size, (batch_size,), device=self.device)
         return {name: column[index] for name, column in self.data.items()}
 
+    def recent(self, count: int) -> Dict[str, torch.Tensor]:
+        """The last `count` rows added (all rows when fewer), oldest first."""
+        count = min(count, self.size)
+        index = (self.pointer - count + torch.arange(count, device=self.device)) % self.capacity
+        return {name: column[index] for name, column in self.data.items()}
+
 
 def transition_columns(data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Offline arrays under the replay buffer's column names."""
@@ -1089,6 +1095,16 @@ class CalQL:
         states = torch.as_tensor(state, dtype=torch.float32, device=self.device)[None]
         action, _ = self.actor(states, deterministic=not explore)
         return action[0].cpu().numpy()
+
+    @torch.no_grad()
+    def sample_actions(self, states: torch.Tensor) -> torch.Tensor:
+        """A batch of exploration actions of the current policy (EDIS's policy-energy positives)."""
+        return self.actor(states)[0]
+
+    @torch.no_grad()
+    def policy_log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> Optional[torch.Tensor]:
+        """log pi(a|s) per row of the tanh-Gaussian policy."""
+        return self.actor.log_prob(states, actions)
 
     def state_dict(self) -> Dict[str, Any]:
         names = ("actor", "critic_1", "critic_2", "target_critic_1", "target_critic_2", "log_alpha",

@@ -8,8 +8,8 @@ keeps the online transitions appended to it.
     python algorithms/iql.py --config configs/local/hopper-random.yaml
     python algorithms/iql.py --config configs/adroit/pen-cloned.yaml --seed 3 --device cpu
 
-The file is self-contained: copy it into your project and it runs. Sections marked
-`BEGIN SHARED` are identical in every algorithm file of this repository.
+The file is self-contained: copy it into your project and it runs. A section marked
+`BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name holds it identically.
 """
 
 import copy
@@ -818,6 +818,12 @@ class ReplayBuffer:
         index = torch.randint(0, self.size, (batch_size,), device=self.device)
         return {name: column[index] for name, column in self.data.items()}
 
+    def recent(self, count: int) -> Dict[str, torch.Tensor]:
+        """The last `count` rows added (all rows when fewer), oldest first."""
+        count = min(count, self.size)
+        index = (self.pointer - count + torch.arange(count, device=self.device)) % self.capacity
+        return {name: column[index] for name, column in self.data.items()}
+
 
 def transition_columns(data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Offline arrays under the replay buffer's column names."""
@@ -984,6 +990,29 @@ class ImplicitQLearning:
         self.actor.train()
         action = (action * self.max_action).clamp(-self.max_action, self.max_action)
         return action[0].cpu().numpy()
+
+    @torch.no_grad()
+    def sample_actions(self, states: torch.Tensor) -> torch.Tensor:
+        """A batch of exploration actions of the current policy (EDIS's policy-energy positives)."""
+        self.actor.eval()
+        if isinstance(self.actor, GaussianPolicy):
+            actions = self.actor(states).sample()
+        else:
+            actions = self.actor(states)
+            actions = actions + (torch.randn_like(actions) * self.config.expl_noise).clamp(-self.config.noise_clip,
+                                                                                          self.config.noise_clip)
+        self.actor.train()
+        return (actions * self.max_action).clamp(-self.max_action, self.max_action)
+
+    @torch.no_grad()
+    def policy_log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> Optional[torch.Tensor]:
+        """log pi(a|s) per row; None for the deterministic actor, which has no density."""
+        if not isinstance(self.actor, GaussianPolicy):
+            return None
+        self.actor.eval()
+        log_prob = self.actor.log_prob(states, actions / self.max_action)
+        self.actor.train()
+        return log_prob
 
     def state_dict(self) -> Dict[str, Any]:
         return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "q_target": self.q_target.state_dict(),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ALGORITHMS = ("iql", "calql")
+ALGORITHMS = ("iql", "calql")  # the baselines; EDIS files have tests of their own
 
 
 def load_algorithm(name: str) -> ModuleType:

@@ -1,0 +1,1876 @@
+"""Cal-QL + EDIS: offline pretraining, then online fine-tuning on energy-guided diffusion samples.
+
+EDIS (Liu et al., "Energy-Guided Diffusion Sampling for Offline-to-Online Reinforcement
+Learning", ICML 2024, arXiv 2407.12448) on top of Cal-QL (Nakamoto et al. 2023) as CORL runs it.
+Offline, Cal-QL trains on the dataset with its calibrated CQL regulariser. When fine-tuning
+starts, a diffusion model of transitions (s, a, r, s') is fitted to the dataset; every
+`edis.refresh_every` online steps it is refitted on offline + online data, three energies
+(state, policy, transition) are trained by contrastive energy prediction on the most recent
+online transitions, and guided samples refill a buffer of generated transitions. Each online
+batch mixes generated and real online data by `edis.mix_ratio` (Cal-QL's own `mixing_ratio`
+of offline data is not used online); until the first refresh has generated anything, offline
+data stand in for generated data. As in CORL, calibration is off online.
+
+    python algorithms/calql_edis.py --config configs/local/hopper-random.yaml
+    python algorithms/calql_edis.py --config configs/mujoco/hopper-medium-replay.yaml --device cuda
+
+The file is self-contained: copy it into your project and it runs. A section marked
+`BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name holds it identically.
+"""
+
+import copy
+import json
+import math
+import os
+import platform
+import random
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import pyrallis
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from torch.distributions import Normal, TanhTransform, TransformedDistribution
+from tqdm.auto import tqdm
+
+ALGORITHM = "calql_edis"
+# YAML sections this script reads besides the common keys; sections of other algorithms are skipped.
+CONFIG_SECTIONS = ("calql", "edis")
+
+
+# ==== BEGIN SHARED: EDIS config ====
+@dataclass
+class EDISConfig:
+    """EDIS: a diffusion model of transitions, steered by three energies toward the online data."""
+
+    mix_ratio: float = 0.5  # share of generated transitions in each online batch; the rest is online data
+    refresh_every: int = 10_000  # online steps between refreshes (diffusion fit, energy training, new samples)
+    retrain_from_scratch: bool = False  # new diffusion weights at each refresh (the reference); false: warm start
+    initial_fit_steps: int = 30_000  # denoiser updates on the offline data when fine-tuning starts
+    refresh_fit_steps: int = 10_000  # denoiser updates on offline + online data at each refresh
+    num_samples: int = 100_000  # transitions generated at each refresh (they replace the previous ones)
+    include_terminal: bool = False  # also model the terminal flag (rounded at 0.5 after sampling); else done = 0
+    width: int = 1024  # width of the residual-MLP denoiser
+    blocks: int = 6  # residual blocks of the denoiser
+    time_embedding_dim: int = 256  # random Fourier features of the noise level
+    lr: float = 3e-4  # denoiser learning rate, cosine-annealed over each fit
+    batch_size: int = 256  # denoiser batch
+    ema_decay: float = 0.999  # EMA of the denoiser weights; the EMA copy samples
+    sigma_min: float = 0.002  # smallest noise level of the sampler (EDM)
+    sigma_max: float = 80.0  # largest noise level of the sampler (EDM)
+    sigma_data: float = 1.0  # data std of EDM's preconditioning; the data are standardised per dimension
+    rho: float = 7.0  # EDM's noise-level spacing exponent
+    p_mean: float = -1.2  # training noise levels: ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = 1.2  # training noise levels: ln(sigma) ~ N(p_mean, p_std^2)
+    sample_steps: int = 128  # Heun steps of the sampler
+    s_churn: float = 80.0  # EDM's stochasticity
+    s_tmin: float = 0.05  # churn only for sigma in [s_tmin, s_tmax]
+    s_tmax: float = 50.0  # churn only for sigma in [s_tmin, s_tmax]
+    s_noise: float = 1.003  # EDM's noise inflation during churn
+    sample_batch_size: int = 10_000  # transitions sampled at once
+    bf16: bool = False  # bfloat16 autocast for the denoiser (training and sampling)
+    positive_buffer_size: int = 10_000  # most recent online transitions: the energies' positives
+    energy_hidden: int = 256  # width of each energy MLP
+    energy_layers: int = 3  # hidden layers of each energy MLP
+    energy_lr: float = 1e-3  # energy learning rate
+    energy_epochs: int = 20  # passes over the positive buffer at each refresh
+    energy_batch_size: int = 256  # positives per energy update
+    energy_negatives: int = 10  # model samples that compete with each positive
+    negative_pool: int = 2_048  # sampler trajectories recorded per refresh; their states at every level are negatives
+    guidance_state: float = 2.0  # scale of E_state's guidance on the s block (0: off)
+    guidance_transition: float = 0.1  # scale of E_transition's guidance on the (r, s', done) block (0: off)
+    guidance_policy: float = 0.1  # scale of E_policy's guidance on the a block (0: off)
+    guidance_clip: float = 1.0  # largest norm of the guidance added to a denoised transition (standardised units)
+    metric_samples: int = 1_000  # transitions per batch for the alignment metrics at each refresh
+
+
+def validate_edis_config(edis: EDISConfig) -> None:
+    check_range(edis, "mix_ratio", 0.0, 1.0, label="edis.mix_ratio")
+    for name in ("refresh_every", "num_samples", "width", "blocks", "batch_size", "sample_steps", "sample_batch_size",
+                 "positive_buffer_size", "energy_hidden", "energy_layers", "energy_batch_size", "energy_negatives",
+                 "negative_pool", "metric_samples"):
+        check_range(edis, name, 1, math.inf, label=f"edis.{name}")
+    for name in ("initial_fit_steps", "refresh_fit_steps", "energy_epochs", "guidance_state", "guidance_transition",
+                 "guidance_policy", "s_churn"):
+        check_range(edis, name, 0, math.inf, label=f"edis.{name}")
+    for name in ("lr", "energy_lr", "sigma_min", "sigma_data", "rho", "guidance_clip", "p_std"):
+        check_range(edis, name, 0.0, math.inf, low_inclusive=False, label=f"edis.{name}")
+    check_range(edis, "ema_decay", 0.0, 1.0, label="edis.ema_decay")
+    if edis.time_embedding_dim < 2 or edis.time_embedding_dim % 2:
+        raise UserError(f"edis.time_embedding_dim = {edis.time_embedding_dim} must be even and at least 2")
+    if edis.sigma_max <= edis.sigma_min:
+        raise UserError(f"edis.sigma_max = {edis.sigma_max} must exceed edis.sigma_min = {edis.sigma_min}")
+# ==== END SHARED: EDIS config ====
+
+
+@dataclass
+class TrainConfig:
+    """Every field can be set in the YAML file or on the command line (--field value)."""
+
+    dataset: str = "random:Hopper-v5:20000"  # d4rl:<name> | minari:<id> | hdf5:<path> | random:<EnvId>:<transitions>
+    env: str = ""  # gymnasium env id; empty: the env that belongs to the dataset
+    seed: int = 0  # seed of torch, numpy and the training env
+    eval_seed: int = 0  # seed of the evaluation env
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    offline_iterations: int = 1_000_000  # gradient updates on the offline dataset
+    online_iterations: int = 1_000_000  # environment steps during fine-tuning, one update each
+    eval_freq: int = 5_000  # evaluate every this many iterations (offline and online counted together)
+    n_episodes: int = 10  # episodes per evaluation
+    log_freq: int = 1_000  # log training losses every this many updates
+    batch_size: int = 256  # transitions per gradient update
+    buffer_size: int = 2_000_000  # capacity of the offline buffer and of the online buffer
+    normalize: bool = True  # standardise states with the dataset's mean and std
+    normalize_reward: bool = False  # locomotion only: scale rewards by max_episode_steps / (max - min episode return)
+    reward_scale: float = 1.0  # after normalize_reward: reward * reward_scale + reward_bias (AntMaze: 10)
+    reward_bias: float = 0.0  # after normalize_reward: reward * reward_scale + reward_bias (AntMaze: -5)
+    discount: float = 0.99  # discount factor
+    alpha_multiplier: float = 1.0  # multiplier of the SAC entropy temperature
+    use_automatic_entropy_tuning: bool = True  # tune the SAC temperature towards entropy -action_dim
+    backup_entropy: bool = False  # subtract the entropy term in the TD target
+    policy_lr: float = 1e-4  # actor (and temperature) learning rate
+    qf_lr: float = 3e-4  # critic learning rate
+    soft_target_update_rate: float = 5e-3  # target critic soft-update rate
+    target_update_period: int = 1  # update the target critics every this many steps
+    bc_steps: int = 0  # first updates that train the actor by behaviour cloning
+    cql_alpha: float = 10.0  # weight of the CQL regulariser offline
+    cql_alpha_online: float = 10.0  # weight of the CQL regulariser online
+    cql_n_actions: int = 10  # sampled actions per state in the regulariser
+    cql_importance_sample: bool = True  # importance-weight the sampled actions
+    cql_lagrange: bool = False  # tune the regulariser weight towards cql_target_action_gap
+    cql_target_action_gap: float = -1.0  # target gap of the Lagrange version
+    cql_temp: float = 1.0  # temperature of the log-sum-exp
+    cql_max_target_backup: bool = False  # TD target: max over cql_n_actions sampled next actions
+    cql_clip_diff_min: float = -math.inf  # lower clip of the regulariser per state
+    cql_clip_diff_max: float = math.inf  # upper clip of the regulariser per state
+    orthogonal_init: bool = True  # orthogonal initialisation of all linear layers
+    q_n_hidden_layers: int = 2  # hidden layers (256 wide) of each critic
+    mixing_ratio: float = 0.5  # share of offline data in each online batch (calql_edis: unused, see edis.mix_ratio)
+    is_sparse_reward: bool = False  # episodes that never leave the failure reward get return r / (1 - discount)
+    project: str = "CORL"  # W&B project
+    group: str = "Cal-QL-EDIS-D4RL"  # W&B group
+    name: str = ""  # run name; empty: <algorithm>-<dataset>-seed<seed>-<8 hex>
+    wandb_mode: str = "offline"  # online | offline | disabled
+    log_dir: str = "runs"  # each run writes log_dir/<name>/: config.yaml, metrics.jsonl, summary.json
+    checkpoints_path: Optional[str] = None  # save a checkpoint at each evaluation to checkpoints_path/<name>/
+    load_model: str = ""  # checkpoint to start from; it skips offline pretraining
+    edis: EDISConfig = field(default_factory=EDISConfig)  # EDIS settings: YAML section edis:, --edis.<field>
+
+
+def validate_config(config: TrainConfig) -> None:
+    validate_common_config(config)
+    check_range(config, "discount", 0.0, 1.0)
+    check_range(config, "soft_target_update_rate", 0.0, 1.0)
+    check_range(config, "mixing_ratio", 0.0, 1.0)
+    for name in ("policy_lr", "qf_lr", "cql_temp"):
+        check_range(config, name, 0.0, math.inf, low_inclusive=False)
+    for name in ("cql_alpha", "cql_alpha_online", "alpha_multiplier", "bc_steps"):
+        check_range(config, name, 0.0, math.inf)
+    for name in ("cql_n_actions", "q_n_hidden_layers", "target_update_period"):
+        check_range(config, name, 1, math.inf)
+    validate_edis_config(config.edis)
+
+
+# ==== BEGIN SHARED: command line and config files ====
+class UserError(Exception):
+    """Bad input (file, dataset, config value): reported as one line, without a traceback."""
+
+
+# Sections a dataset YAML may hold: each script reads its own and skips the others.
+ALL_CONFIG_SECTIONS = ("iql", "calql", "edis")
+
+
+def _pop_config_argument(argv: List[str]) -> Tuple[Optional[str], List[str]]:
+    """Takes `--config PATH` (or pyrallis' own `--config_path PATH`) out of argv."""
+    rest, path, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        if key in ("--config", "--config_path"):
+            if eq:
+                path = value
+            elif i + 1 < len(argv):
+                path, i = argv[i + 1], i + 1
+            else:
+                raise UserError(f"{key} needs a file path")
+        else:
+            rest.append(arg)
+        i += 1
+    return path, rest
+
+
+def _dataclass_fields(cls: type) -> Dict[str, Any]:
+    return {f.name: f for f in fields(cls)}
+
+
+def read_config_file(path: str, config_class: type, own_sections: Tuple[str, ...]) -> Dict[str, Any]:
+    """Common keys plus this script's sections of a dataset YAML, checked against the dataclass.
+
+    A section whose name is a nested dataclass field (`edis:`) stays nested; any other own
+    section (`iql:`) is merged into the top level and overrides the common keys.
+    """
+    try:
+        with open(path) as file:
+            raw = yaml.safe_load(file)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"cannot read config file {path}: {str(error).splitlines()[0]}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    known = _dataclass_fields(config_class)
+    merged: Dict[str, Any] = {}
+    overrides: Dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ALL_CONFIG_SECTIONS:
+            if key not in own_sections:
+                continue  # another algorithm's section
+            if not isinstance(value, dict):
+                raise UserError(f"section '{key}' in {path} must be a mapping")
+            if key in known:
+                merged[key] = value  # a nested dataclass, checked below
+                continue
+            for sub_key in value:
+                if sub_key not in known:
+                    raise UserError(f"unknown key '{key}.{sub_key}' in {path}")
+            overrides.update(value)
+        else:
+            if key not in known:
+                raise UserError(f"unknown key '{key}' in {path}")
+            merged[key] = value
+    merged.update(overrides)
+    # Nested sections (a dataclass field such as `edis`) are checked against their own fields.
+    defaults = config_class()
+    for key, value in merged.items():
+        default = getattr(defaults, key)
+        if is_dataclass(default):
+            if not isinstance(value, dict):
+                raise UserError(f"'{key}' in {path} must be a mapping")
+            nested = _dataclass_fields(type(default))
+            for sub_key in value:
+                if sub_key not in nested:
+                    raise UserError(f"unknown key '{key}.{sub_key}' in {path}")
+    return merged
+
+
+BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
+def check_command_line(config_class: type, args: List[str]) -> None:
+    """Unknown options and non-boolean words for booleans are errors naming the option."""
+    defaults = config_class()
+    for i, arg in enumerate(args):
+        if not arg.startswith("--") or arg in ("--help", "-h"):
+            continue
+        key, eq, value = arg[2:].partition("=")
+        head, _, tail = key.partition(".")
+        owner = getattr(defaults, head) if tail and hasattr(defaults, head) else defaults
+        name = tail or head
+        if not hasattr(defaults, head) or (tail and not (is_dataclass(owner) and hasattr(owner, tail))):
+            raise UserError(f"unknown option --{key} (see --help)")
+        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if isinstance(getattr(owner, name), bool) and value.lower() not in BOOLEAN_WORDS:
+            raise UserError(f"--{key} takes true or false, not {value!r}")
+
+
+def parse_config(config_class: type, own_sections: Tuple[str, ...], argv: Optional[List[str]] = None) -> Any:
+    """Dataclass from defaults < config file < command line (`--key value`, `--section.key value`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path, rest = _pop_config_argument(argv)
+    check_command_line(config_class, rest)
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = None
+        if path is not None:
+            values = read_config_file(path, config_class, own_sections)
+            config_path = os.path.join(tmp, "config.yaml")
+            with open(config_path, "w") as file:
+                yaml.safe_dump(values, file)
+        try:
+            return pyrallis.parse(config_class=config_class, config_path=config_path, args=rest)
+        except SystemExit:
+            raise
+        except Exception as error:  # pyrallis reports bad types with its own exceptions
+            message = str(error)
+            field = re.search(r"value=(.*?) into field \"[^\"]*?\.([\w.]+)\" of type <class '(\w+)'>", message)
+            if field:
+                value, name, kind = field.groups()
+                raise UserError(f"{name} = {value} is not a valid {kind}") from None
+            raise UserError(f"bad configuration: {message.strip().splitlines()[-1].strip()}") from None
+
+
+def check_range(
+    config: Any, name: str, low: float, high: float, low_inclusive: bool = True, label: str = ""
+) -> None:
+    value = getattr(config, name)
+    too_low = value < low if low_inclusive else value <= low
+    if too_low or value > high:
+        bound = "[" if low_inclusive else "("
+        raise UserError(f"{label or name} = {value} is outside {bound}{low}, {high}]")
+
+
+def validate_common_config(config: Any) -> None:
+    for name in ("offline_iterations", "online_iterations", "n_episodes"):
+        check_range(config, name, 0, math.inf)
+    for name in ("eval_freq", "log_freq", "batch_size", "buffer_size"):
+        check_range(config, name, 1, math.inf)
+    if config.offline_iterations + config.online_iterations == 0 and not config.load_model:
+        raise UserError("offline_iterations and online_iterations are both 0: nothing to do")
+    if config.wandb_mode not in ("online", "offline", "disabled"):
+        raise UserError(f"wandb_mode = {config.wandb_mode!r}: use online, offline or disabled")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", config.device):
+        raise UserError(f"device = {config.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device = {name!r} but CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+# ==== END SHARED: command line and config files ====
+
+# ==== BEGIN SHARED: datasets ====
+# D4RL reference returns: normalised score = 100 * (return - min) / (max - min).
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "antmaze": (0.0, 1.0),
+    "pen": (96.262799, 3076.8331017826877),
+    "door": (-56.512833, 2880.5693087298737),
+    "hammer": (-274.856578, 12794.134825156867),
+    "relocate": (-6.425911, 4233.877797728884),
+}
+LOCOMOTION_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+ADROIT_ENVS = {"pen": "AdroitHandPen-v1", "door": "AdroitHandDoor-v1", "hammer": "AdroitHandHammer-v1",
+               "relocate": "AdroitHandRelocate-v1"}
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
+# AntMaze v2: dataset file, maze, episode length.
+ANTMAZE_FILE = "Ant_maze_{}_noisy_multistart_{}_multigoal_{}_sparse_fixed.hdf5"
+D4RL_ANTMAZE = {
+    "antmaze-umaze-v2": (ANTMAZE_FILE.format("u-maze", False, False), "umaze", 700),
+    "antmaze-umaze-diverse-v2": (ANTMAZE_FILE.format("u-maze", True, True), "umaze", 700),
+    "antmaze-medium-play-v2": (ANTMAZE_FILE.format("big-maze", True, False), "medium", 1000),
+    "antmaze-medium-diverse-v2": (ANTMAZE_FILE.format("big-maze", True, True), "medium", 1000),
+    "antmaze-large-play-v2": (ANTMAZE_FILE.format("hardest-maze", True, False), "large", 1000),
+    "antmaze-large-diverse-v2": (ANTMAZE_FILE.format("hardest-maze", True, True), "large", 1000),
+}
+SUCCESS_DOMAINS = ("antmaze", "pen", "door", "hammer", "relocate")  # domains that report a success rate
+D4RL_REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
+
+
+@dataclass
+class DatasetInfo:
+    """Where the data came from and what belongs to it."""
+
+    source: str  # the dataset string as given
+    env_id: str  # gymnasium env id
+    domain: Optional[str]  # hopper, antmaze, pen, ... (None: unknown)
+    ref_min_score: Optional[float] = None  # return of a random policy, for normalised scores
+    ref_max_score: Optional[float] = None  # return of an expert policy
+    env_spec: Any = None  # Minari: the dataset's gymnasium EnvSpec
+    antmaze_maze: Optional[str] = None  # D4RL AntMaze: umaze | medium | large
+    max_episode_steps: Optional[int] = None  # episode length to use instead of the env's default
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_min_score is not None and self.ref_max_score is not None
+
+    def normalized_score(self, episode_return: float) -> float:
+        return 100.0 * (episode_return - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
+
+
+def domain_of(name: str) -> Optional[str]:
+    name = name.lower()
+    for domain in ("halfcheetah", "hopper", "walker2d", "antmaze", "pen", "door", "hammer", "relocate"):
+        if domain in name:
+            return domain
+    return None
+
+
+def d4rl_file(name: str) -> Tuple[str, DatasetInfo]:
+    """URL and DatasetInfo for a D4RL dataset name (locomotion v2, Adroit v1, AntMaze v2)."""
+    locomotion = re.fullmatch(r"(hopper|halfcheetah|walker2d)-(random|medium|medium-replay|medium-expert|expert|"
+                              r"full-replay)-v2", name)
+    adroit = re.fullmatch(r"(pen|door|hammer|relocate)-(human|cloned|expert)-v1", name)
+    if locomotion:
+        domain, kind = locomotion.groups()
+        url = f"{D4RL_URL}/gym_mujoco_v2/{domain}_{kind.replace('-', '_')}-v2.hdf5"
+        info = DatasetInfo(f"d4rl:{name}", LOCOMOTION_ENVS[domain], domain, *D4RL_REF_SCORES[domain])
+    elif adroit:
+        domain = adroit.group(1)
+        url = f"{D4RL_URL}/hand_dapg_v1/{name}.hdf5"
+        info = DatasetInfo(f"d4rl:{name}", ADROIT_ENVS[domain], domain, *D4RL_REF_SCORES[domain])
+    elif name in D4RL_ANTMAZE:
+        file_name, maze, steps = D4RL_ANTMAZE[name]
+        url = f"{D4RL_URL}/ant_maze_v2/{file_name}"
+        info = DatasetInfo(f"d4rl:{name}", f"D4RLAntMaze-{maze}", "antmaze", *D4RL_REF_SCORES["antmaze"],
+                           antmaze_maze=maze, max_episode_steps=steps)
+    else:
+        raise UserError(f"unknown D4RL dataset '{name}': use <hopper|halfcheetah|walker2d>-<random|medium|"
+                        "medium-replay|medium-expert|expert>-v2, <pen|door|hammer|relocate>-<human|cloned|expert>-v1 "
+                        f"or one of {', '.join(D4RL_ANTMAZE)}")
+    return url, info
+
+
+def download(url: str, path: Path) -> None:
+    """Downloads url to path with a progress bar; the file appears only when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    with urllib.request.urlopen(url, timeout=60) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with open(partial, "wb") as file, tqdm(total=total, unit="B", unit_scale=True, desc=path.name) as bar:
+            while chunk := response.read(1 << 20):
+                file.write(chunk)
+                bar.update(len(chunk))
+    os.replace(partial, path)
+
+
+def read_d4rl_hdf5(path: Path) -> Dict[str, Any]:
+    """The flat arrays of a D4RL-layout HDF5 file, plus its ref_min_score/ref_max_score attributes."""
+    if not path.is_file():
+        raise UserError(f"dataset file not found: {path}")
+    try:
+        with h5py.File(path, "r") as file:
+            missing = [key for key in D4RL_REQUIRED_KEYS if key not in file]
+            if missing:
+                raise UserError(f"{path} lacks the key(s) {', '.join(missing)} (D4RL layout needs "
+                                f"{', '.join(D4RL_REQUIRED_KEYS)})")
+            raw = {key: file[key][()] for key in (*D4RL_REQUIRED_KEYS, "timeouts", "next_observations") if key in file}
+            for attr in ("ref_min_score", "ref_max_score", "env_id"):
+                if attr in file.attrs:
+                    value = file.attrs[attr]
+                    raw[attr] = value.decode() if isinstance(value, bytes) else value
+    except UserError:
+        raise
+    except Exception as error:  # h5py raises OSError (and others) on truncated or corrupted files
+        raise UserError(f"cannot read HDF5 file {path}: {str(error).splitlines()[0]}") from None
+    n = len(raw["observations"])
+    for key in ("actions", "rewards", "terminals", "timeouts", "next_observations"):
+        if key in raw and len(raw[key]) != n:
+            raise UserError(f"{path}: '{key}' has {len(raw[key])} rows but 'observations' has {n}")
+    if n < 2:
+        raise UserError(f"{path}: needs at least 2 rows, has {n}")
+    return raw
+
+
+def check_finite(arrays: Dict[str, np.ndarray], where: str) -> None:
+    for key in ("observations", "actions", "rewards", "next_observations"):
+        if key not in arrays:
+            continue
+        bad_rows = ~np.isfinite(arrays[key].reshape(len(arrays[key]), -1)).all(axis=1)
+        if bad_rows.any():
+            raise UserError(f"{where}: {int(bad_rows.sum())} row(s) of '{key}' hold NaN or inf "
+                            f"(first at index {int(np.argmax(bad_rows))})")
+
+
+def qlearning_transitions(raw: Dict[str, np.ndarray], max_episode_steps: int) -> Dict[str, np.ndarray]:
+    """Transitions as d4rl.qlearning_dataset builds them, plus where each episode ends.
+
+    Row i pairs observations[i] with observations[i + 1]; the last row is dropped, and so is every
+    row flagged in `timeouts` (the last step of a truncated episode: its next observation is not
+    in the file). Without `timeouts`, an episode is taken to time out every `max_episode_steps`
+    steps after the last terminal, as d4rl does.
+    """
+    n = len(raw["observations"])
+    terminals = raw["terminals"].astype(bool).reshape(n)
+    if "timeouts" in raw:
+        timeouts = raw["timeouts"].astype(bool).reshape(n)
+    else:
+        timeouts, episode_step = np.zeros(n, dtype=bool), 0
+        for i in range(n):
+            timeouts[i] = episode_step == max_episode_steps - 1
+            episode_step = 0 if terminals[i] or timeouts[i] else episode_step + 1
+    keep = ~timeouts[: n - 1]
+    index = np.nonzero(keep)[0]
+    # An episode's last kept transition: a terminal, a row followed by a timeout row, or the last row.
+    followed_by_timeout = np.append(timeouts[1:n - 1], True)
+    episode_ends = terminals[: n - 1] | followed_by_timeout
+    return {
+        "observations": raw["observations"][index].astype(np.float32),
+        "actions": raw["actions"][index].astype(np.float32),
+        "rewards": raw["rewards"].reshape(n)[index].astype(np.float32),
+        "next_observations": raw["observations"][index + 1].astype(np.float32),
+        "terminals": terminals[index].astype(np.float32),
+        "episode_ends": episode_ends[index],
+    }
+
+
+def d4rl_transitions(raw: Dict[str, Any], info: DatasetInfo, max_episode_steps: int) -> Dict[str, np.ndarray]:
+    """Checked transitions of a D4RL-layout file; its reference returns fill in those info lacks."""
+    check_finite(raw, info.source)
+    if info.ref_min_score is None and "ref_min_score" in raw and "ref_max_score" in raw:
+        info.ref_min_score, info.ref_max_score = float(raw["ref_min_score"]), float(raw["ref_max_score"])
+    return qlearning_transitions(raw, max_episode_steps)
+
+
+def minari_transitions(dataset: Any) -> Dict[str, np.ndarray]:
+    """Every step of every episode of a Minari dataset; goal-dict observations are flattened."""
+    columns: Dict[str, List[np.ndarray]] = {key: [] for key in
+                                            ("observations", "actions", "rewards", "next_observations",
+                                             "terminals", "episode_ends")}
+    for episode in dataset.iterate_episodes():
+        observations = flatten_observation(episode.observations)
+        steps = len(episode.actions)
+        ends = np.zeros(steps, dtype=bool)
+        ends[-1] = True
+        columns["observations"].append(observations[:-1])
+        columns["next_observations"].append(observations[1:])
+        columns["actions"].append(np.asarray(episode.actions).reshape(steps, -1))
+        columns["rewards"].append(np.asarray(episode.rewards).reshape(steps))
+        columns["terminals"].append(np.asarray(episode.terminations).reshape(steps))
+        columns["episode_ends"].append(ends)
+    if not columns["observations"]:
+        raise UserError(f"Minari dataset {dataset.spec.dataset_id} has no episodes")
+    data = {key: np.concatenate(value) for key, value in columns.items()}
+    for key in ("observations", "actions", "rewards", "next_observations", "terminals"):
+        data[key] = data[key].astype(np.float32)
+    return data
+
+
+def load_minari(dataset_id: str) -> Tuple[Dict[str, np.ndarray], DatasetInfo]:
+    try:
+        import minari
+    except ImportError:
+        raise UserError("minari: datasets need the minari package (pip install minari)") from None
+    try:
+        dataset = minari.load_dataset(dataset_id, download=True)
+    except Exception as error:
+        root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+        raise UserError(f"cannot load Minari dataset '{dataset_id}' (local root {root}): "
+                        f"{str(error).strip().splitlines()[0]}") from None
+    metadata = dataset.storage.metadata
+    spec = dataset.env_spec
+    parts = dataset_id.split("/")
+    info = DatasetInfo(f"minari:{dataset_id}", spec.id if spec is not None else "",
+                       domain_of(parts[1] if len(parts) > 2 else dataset_id),
+                       metadata.get("ref_min_score"), metadata.get("ref_max_score"), env_spec=spec)
+    data = minari_transitions(dataset)
+    check_finite(data, f"Minari dataset {dataset_id}")
+    return data, info
+
+
+def random_dataset_path(env_id: str, transitions: int) -> Path:
+    root = Path(os.environ.get("EDIS_DATA_DIR", Path.home() / ".cache" / "edis-datasets")).expanduser()
+    return root / f"random-{env_id}-{transitions}.hdf5"
+
+
+def collect_random_dataset(env_id: str, transitions: int, path: Path, seed: int = 0) -> None:
+    """Rolls out a uniform random policy and writes the steps as a D4RL-layout HDF5 file."""
+    env = make_env(DatasetInfo(f"random:{env_id}", env_id, domain_of(env_id)), seed=seed)
+    env.action_space.seed(seed)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    columns = {
+        "observations": np.zeros((transitions, obs_dim), np.float32),
+        "actions": np.zeros((transitions, act_dim), np.float32),
+        "rewards": np.zeros(transitions, np.float32),
+        "next_observations": np.zeros((transitions, obs_dim), np.float32),
+        "terminals": np.zeros(transitions, bool),
+        "timeouts": np.zeros(transitions, bool),
+    }
+    state, _ = env.reset(seed=seed)
+    for i in tqdm(range(transitions), desc=f"random {env_id}", unit="step", mininterval=1.0):
+        action = env.action_space.sample()
+        next_state, reward, terminated, truncated, _ = env.step(action)
+        columns["observations"][i], columns["actions"][i], columns["rewards"][i] = state, action, reward
+        columns["next_observations"][i], columns["terminals"][i], columns["timeouts"][i] = (
+            next_state, terminated, truncated)
+        state = env.reset()[0] if terminated or truncated else next_state
+    env.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    with h5py.File(partial, "w") as file:
+        for key, value in columns.items():
+            file.create_dataset(key, data=value)
+        file.attrs["env_id"] = env_id
+        domain = domain_of(env_id)
+        if domain in LOCOMOTION_ENVS:  # the D4RL constants fit the v5 locomotion envs closely enough
+            file.attrs["ref_min_score"], file.attrs["ref_max_score"] = D4RL_REF_SCORES[domain]
+    os.replace(partial, path)
+
+
+def load_dataset(source: str, env_override: str = "") -> Tuple[Dict[str, np.ndarray], DatasetInfo]:
+    """Offline transitions (float32 arrays) and their DatasetInfo from a dataset string."""
+    scheme, _, rest = source.partition(":")
+    if scheme == "d4rl":
+        url, info = d4rl_file(rest)
+        path = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser() / url.rsplit("/", 1)[1]
+        if not path.is_file():
+            try:
+                download(url, path)
+            except Exception as error:
+                raise UserError(f"{rest}: {path} is missing and the download failed ({error}); download {url} "
+                                f"and put it at {path} (or set D4RL_DATASET_DIR)") from None
+        data = d4rl_transitions(read_d4rl_hdf5(path), info, info.max_episode_steps or 1000)
+    elif scheme == "minari":
+        data, info = load_minari(rest)
+    elif scheme == "hdf5":
+        raw = read_d4rl_hdf5(Path(rest).expanduser())
+        env_id = env_override or raw.get("env_id", "")
+        if not env_id:
+            raise UserError(f"{rest} names no env (no 'env_id' attribute): set env in the config or --env")
+        info = DatasetInfo(source, env_id, domain_of(env_id))
+        data = d4rl_transitions(raw, info, max_episode_steps_of(make_env(info)) if "timeouts" not in raw else 1000)
+    elif scheme == "random":
+        match = re.fullmatch(r"([^:]+):(\d+)", rest)
+        if not match or int(match.group(2)) < 2:
+            raise UserError(f"bad dataset '{source}': use random:<EnvId>:<transitions>, e.g. random:Hopper-v5:20000")
+        env_id, transitions = match.group(1), int(match.group(2))
+        path = random_dataset_path(env_id, transitions)
+        if not path.is_file():
+            collect_random_dataset(env_id, transitions, path)
+        info = DatasetInfo(source, env_id, domain_of(env_id))
+        data = d4rl_transitions(read_d4rl_hdf5(path), info, 1000)
+    else:
+        raise UserError(f"unknown dataset scheme in '{source}': use d4rl:<name>, minari:<id>, hdf5:<path> "
+                        "or random:<EnvId>:<transitions>")
+    if env_override:
+        info.env_id, info.env_spec, info.antmaze_maze = env_override, None, None
+    if len(data["observations"]) == 0:
+        raise UserError(f"{source}: no transitions left after removing timeouts")
+    return data, info
+
+
+def episode_returns(rewards: np.ndarray, episode_ends: np.ndarray) -> np.ndarray:
+    """Undiscounted return of every complete episode in the transition arrays."""
+    ends = np.nonzero(episode_ends)[0]
+    sums = np.cumsum(rewards, dtype=np.float64)[ends]
+    return np.diff(np.concatenate([[0.0], sums]))
+
+
+def reward_transform(data: Dict[str, np.ndarray], info: DatasetInfo, normalize_reward: bool,
+                     reward_scale: float, reward_bias: float, max_episode_steps: int) -> Tuple[float, float]:
+    """(scale, bias) with trained reward = scale * env reward + bias, CORL's modify_reward.
+
+    normalize_reward rescales locomotion rewards so that the dataset's return range spans
+    max_episode_steps; reward_scale and reward_bias then apply to every domain.
+    """
+    scale = 1.0
+    if normalize_reward and info.domain in LOCOMOTION_ENVS:
+        returns = episode_returns(data["rewards"], data["episode_ends"])
+        if len(returns) > 1 and returns.max() > returns.min():
+            scale = max_episode_steps / float(returns.max() - returns.min())
+    return scale * reward_scale, reward_bias
+
+
+def state_statistics(observations: np.ndarray, normalize: bool, eps: float = 1e-3) -> Tuple[np.ndarray, np.ndarray]:
+    if not normalize:
+        return np.zeros(observations.shape[1], np.float32), np.ones(observations.shape[1], np.float32)
+    return observations.mean(0).astype(np.float32), (observations.std(0) + eps).astype(np.float32)
+# ==== END SHARED: datasets ====
+
+# ==== BEGIN SHARED: environment ====
+# D4RL AntMaze v2 evaluation mazes (row 0 at the top, r: start, g: goal), 4 units per cell.
+D4RL_ANTMAZE_MAPS = {
+    "umaze": ["11111", "1r001", "11101", "1g001", "11111"],
+    "medium": ["11111111", "1r011001", "10010001", "11000111", "10010001", "10100101", "100010g1", "11111111"],
+    "large": ["111111111111", "1r0001000001", "101101010101", "100000010001", "101111011101", "100101000001",
+              "110101010111", "100100010g01", "111111111111"],
+}
+ANTMAZE_ENV_IDS = {"umaze": "AntMaze_UMaze-v4", "medium": "AntMaze_Medium-v4", "large": "AntMaze_Large-v4"}
+
+
+class D4RLAntMaze(gym.Wrapper):
+    """gymnasium-robotics AntMaze laid out, observed and rewarded as D4RL's antmaze-*-v2.
+
+    D4RL puts the start cell at the origin and y grows with the map row; gymnasium-robotics
+    centres the map and y falls with the row. Building the gymnasium maze from the D4RL map
+    upside down makes the two worlds differ by a translation only, so joint angles and
+    velocities are untouched and the observation is D4RL's 29 numbers: the torso xy in D4RL
+    coordinates, then the 27 of the gymnasium observation. The goal is D4RL's: the goal cell plus
+    D4RL's one-sided noise, drawn once per env; reward is 1 within 0.5 of it, and episodes only
+    end by time limit.
+    """
+
+    def __init__(self, maze: str, max_episode_steps: int, seed: Optional[int] = None):
+        import gymnasium_robotics
+
+        gym.register_envs(gymnasium_robotics)
+        rows = D4RL_ANTMAZE_MAPS[maze]
+        cells = [[int(c) if c in "01" else c for c in row] for row in reversed(rows)]
+        env = gym.make(ANTMAZE_ENV_IDS[maze], maze_map=cells, continuing_task=True, reset_target=False,
+                       max_episode_steps=max_episode_steps)
+        super().__init__(env)
+        base = env.unwrapped
+        base.position_noise_range = 0.0  # D4RL starts the ant at the start cell's centre
+        start_row = next(i for i, row in enumerate(cells) if "r" in row)
+        self.origin = base.maze.cell_rowcol_to_xy(np.array([start_row, cells[start_row].index("r")]))
+        goal_row, goal_col = next((i, row.index("g")) for i, row in enumerate(rows) if "g" in row)
+        start_row_d4rl, start_col_d4rl = next((i, row.index("r")) for i, row in enumerate(rows) if "r" in row)
+        rng, size = np.random.default_rng(seed), 4.0
+        goal = np.array([goal_col - start_col_d4rl, goal_row - start_row_d4rl], dtype=np.float64) * size
+        goal += rng.uniform(0, 0.25 * size, 2) + rng.uniform(0, 0.5, 2) * 0.25 * size
+        self.goal = np.maximum(goal, 0.0)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (29,), np.float64)
+
+    def _observe(self, obs: Dict[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([obs["achieved_goal"] - self.origin, obs["observation"]])
+
+    def _place_goal(self) -> None:
+        base = self.env.unwrapped
+        base.goal = self.goal + self.origin
+        base.update_target_site_pos()
+
+    def reset(self, **kwargs: Any) -> Tuple[np.ndarray, Dict[str, Any]]:
+        obs, info = self.env.reset(**kwargs)
+        self._place_goal()
+        info["success"] = bool(np.linalg.norm(obs["achieved_goal"] - self.origin - self.goal) <= 0.5)
+        return self._observe(obs), info
+
+    def step(self, action: np.ndarray) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
+        obs, _, _, truncated, info = self.env.step(action)
+        success = bool(np.linalg.norm(obs["achieved_goal"] - self.origin - self.goal) <= 0.5)
+        info["success"] = success
+        return self._observe(obs), float(success), False, truncated, info
+
+
+def flatten_observation(observation: Any) -> np.ndarray:
+    """Goal-dict observations become [achieved_goal, observation], D4RL's AntMaze layout."""
+    if isinstance(observation, dict):
+        return np.concatenate([np.asarray(observation["achieved_goal"]), np.asarray(observation["observation"])],
+                              axis=-1)
+    return np.asarray(observation)
+
+
+class FlattenGoalObservation(gym.ObservationWrapper):
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        size = sum(env.observation_space[key].shape[0] for key in ("achieved_goal", "observation"))
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float64)
+
+    def observation(self, observation: Dict[str, np.ndarray]) -> np.ndarray:
+        return flatten_observation(observation)
+
+
+class NormalizeState(gym.ObservationWrapper):
+    """Standardises observations with the offline dataset's statistics (CORL's wrap_env)."""
+
+    def __init__(self, env: gym.Env, mean: np.ndarray, std: np.ndarray):
+        super().__init__(env)
+        self.mean, self.std = mean, std
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return ((observation - self.mean) / self.std).astype(np.float32)
+
+
+def make_env(info: DatasetInfo, seed: Optional[int] = None) -> gym.Env:
+    """The gymnasium env of a dataset: raw observations, float64."""
+    if info.env_id.startswith(("AdroitHand", "AntMaze", "PointMaze", "D4RLAntMaze")) or info.env_spec is not None:
+        try:
+            import gymnasium_robotics
+
+            gym.register_envs(gymnasium_robotics)
+        except ImportError:
+            pass
+    try:
+        if info.antmaze_maze is not None:
+            env = D4RLAntMaze(info.antmaze_maze, info.max_episode_steps or 1000, seed=seed)
+        elif info.env_spec is not None:
+            env = gym.make(info.env_spec)
+        else:
+            env = gym.make(info.env_id, **({"max_episode_steps": info.max_episode_steps}
+                                           if info.max_episode_steps else {}))
+    except gym.error.Error as error:
+        raise UserError(f"cannot make env '{info.env_id}': {str(error).splitlines()[0]}") from None
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        env = FlattenGoalObservation(env)
+    if not isinstance(env.action_space, gym.spaces.Box):
+        raise UserError(f"env '{info.env_id}' has a {type(env.action_space).__name__} action space; "
+                        "these algorithms need continuous (Box) actions")
+    return env
+
+
+def check_dataset_matches_env(data: Dict[str, np.ndarray], env: gym.Env, info: DatasetInfo) -> None:
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if data["observations"].shape[1] != obs_dim:
+        raise UserError(f"{info.source}: observations have {data['observations'].shape[1]} numbers but env "
+                        f"'{info.env_id}' gives {obs_dim}")
+    if data["actions"].shape[1] != act_dim:
+        raise UserError(f"{info.source}: actions have {data['actions'].shape[1]} numbers but env "
+                        f"'{info.env_id}' takes {act_dim}")
+
+
+def max_episode_steps_of(env: gym.Env) -> int:
+    return int(env.spec.max_episode_steps) if env.spec is not None and env.spec.max_episode_steps else 1000
+
+
+class OnlineCollector:
+    """Steps the training env one transition at a time and keeps the episode statistics.
+
+    Only `terminated` ends a return (done = 1); `truncated` is a time limit, after which the
+    env is reset and the stored transition keeps done = 0.
+    """
+
+    def __init__(self, env: gym.Env, info: DatasetInfo, seed: int, reward_scale: float, reward_bias: float):
+        self.env, self.info = env, info
+        self.reward_scale, self.reward_bias = reward_scale, reward_bias
+        self.state, _ = env.reset(seed=seed)
+        env.action_space.seed(seed)
+        self.episode_return, self.episode_length, self.episode_success = 0.0, 0, False
+        self.normalized_returns: List[float] = []
+        self.successes: List[float] = []
+        self.env_steps = 0
+
+    def step(self, action: np.ndarray) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, float]]]:
+        next_state, reward, terminated, truncated, env_info = self.env.step(action)
+        transition = {
+            "states": self.state,
+            "actions": action,
+            "rewards": np.array([reward * self.reward_scale + self.reward_bias], np.float32),
+            "next_states": next_state,
+            "dones": np.array([float(terminated)], np.float32),
+        }
+        self.env_steps += 1
+        self.episode_return += float(reward)
+        self.episode_length += 1
+        self.episode_success |= bool(env_info.get("success", env_info.get("goal_achieved", False)))
+        self.state = next_state
+        episode_log = None
+        if terminated or truncated:
+            episode_log = {"train/episode_return": self.episode_return,
+                           "train/episode_length": float(self.episode_length)}
+            if self.info.has_reference:
+                normalized = self.info.normalized_score(self.episode_return)
+                self.normalized_returns.append(normalized)
+                episode_log["train/normalized_episode_return"] = normalized
+            if self.info.domain in SUCCESS_DOMAINS:
+                self.successes.append(float(self.episode_success))
+                episode_log["train/success"] = float(self.episode_success)
+                episode_log["train/regret"] = float(np.mean(1.0 - np.array(self.successes)))
+            elif self.normalized_returns:
+                episode_log["train/regret"] = float(np.mean(1.0 - np.array(self.normalized_returns) / 100.0))
+            self.state, _ = self.env.reset()
+            self.episode_return, self.episode_length, self.episode_success = 0.0, 0, False
+        return transition, episode_log
+# ==== END SHARED: environment ====
+
+# ==== BEGIN SHARED: replay buffer ====
+class ReplayBuffer:
+    """Fixed-capacity ring buffer of named float32 columns, stored on the training device."""
+
+    def __init__(self, capacity: int, columns: Dict[str, int], device: torch.device):
+        self.capacity, self.device = capacity, device
+        self.data = {name: torch.zeros((capacity, width), dtype=torch.float32, device=device)
+                     for name, width in columns.items()}
+        self.size, self.pointer = 0, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add_batch(self, **columns: Any) -> None:
+        """Appends rows (arrays or tensors with a leading batch dimension); old rows are overwritten when full."""
+        count = len(next(iter(columns.values())))
+        if set(columns) != set(self.data):
+            raise ValueError(f"columns {sorted(columns)} do not match the buffer's {sorted(self.data)}")
+        if count > self.capacity:
+            raise ValueError(f"{count} rows do not fit a buffer of capacity {self.capacity}")
+        index = (self.pointer + torch.arange(count, device=self.device)) % self.capacity
+        for name, values in columns.items():
+            values = torch.as_tensor(values, dtype=torch.float32, device=self.device)
+            self.data[name][index] = values.reshape(count, -1)
+        self.pointer = (self.pointer + count) % self.capacity
+        self.size = min(self.size + count, self.capacity)
+
+    def add(self, **row: Any) -> None:
+        self.add_batch(**{name: np.asarray(value, dtype=np.float32)[None] for name, value in row.items()})
+
+    def sample(self, batch_size: int) -> Dict[str, torch.Tensor]:
+        index = torch.randint(0, self.size, (batch_size,), device=self.device)
+        return {name: column[index] for name, column in self.data.items()}
+
+    def recent(self, count: int) -> Dict[str, torch.Tensor]:
+        """The last `count` rows added (all rows when fewer), oldest first."""
+        count = min(count, self.size)
+        index = (self.pointer - count + torch.arange(count, device=self.device)) % self.capacity
+        return {name: column[index] for name, column in self.data.items()}
+
+
+def transition_columns(data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Offline arrays under the replay buffer's column names."""
+    return {"states": data["observations"], "actions": data["actions"], "rewards": data["rewards"][:, None],
+            "next_states": data["next_observations"], "dones": data["terminals"][:, None]}
+# ==== END SHARED: replay buffer ====
+
+# ==== BEGIN SHARED: Cal-QL returns-to-go, networks and agent ====
+# ---------------------------------------------------------------------------------------------
+# Cal-QL: Monte-Carlo returns-to-go of the offline data (the calibration bound)
+# ---------------------------------------------------------------------------------------------
+def returns_to_go(rewards: np.ndarray, terminals: np.ndarray, episode_ends: np.ndarray, discount: float,
+                  sparse_failure_reward: Optional[float] = None) -> np.ndarray:
+    """Discounted return from each transition to the end of its episode (CORL's get_return_to_go).
+
+    With sparse_failure_reward set, an episode whose last reward equals it (it never reached
+    the goal) gets r / (1 - discount) everywhere, the return of failing forever.
+    """
+    returns = np.zeros(len(rewards), dtype=np.float64)
+    future = 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        if episode_ends[i]:
+            future = 0.0
+        future = rewards[i] + discount * future * (1.0 - terminals[i])
+        returns[i] = future
+    if sparse_failure_reward is not None:
+        ends = np.nonzero(episode_ends)[0]
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        for start, end in zip(starts, ends, strict=True):
+            if rewards[end] == sparse_failure_reward:
+                returns[start:end + 1] = rewards[end] / (1.0 - discount)
+    return returns.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+def init_linear(module: nn.Module, orthogonal: bool) -> None:
+    if isinstance(module, nn.Linear):
+        if orthogonal:
+            nn.init.orthogonal_(module.weight, gain=math.sqrt(2))
+            nn.init.constant_(module.bias, 0.0)
+        else:
+            nn.init.xavier_uniform_(module.weight, gain=1e-2)
+
+
+class Scalar(nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.constant = nn.Parameter(torch.tensor(value, dtype=torch.float32))
+
+    def forward(self) -> torch.Tensor:
+        return self.constant
+
+
+class TanhGaussianPolicy(nn.Module):
+    """SAC actor: a Gaussian squashed by tanh, 3 hidden layers of 256 (CORL's Cal-QL actor)."""
+
+    LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+    def __init__(self, state_dim: int, action_dim: int, max_action: float, orthogonal_init: bool):
+        super().__init__()
+        self.action_dim, self.max_action = action_dim, max_action
+        self.base_network = nn.Sequential(
+            nn.Linear(state_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+            nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2 * action_dim))
+        if orthogonal_init:
+            self.base_network.apply(lambda m: init_linear(m, True))
+        else:
+            init_linear(self.base_network[-1], False)
+        self.log_std_multiplier, self.log_std_offset = Scalar(1.0), Scalar(-1.0)
+
+    def distribution(self, states: torch.Tensor) -> Tuple[TransformedDistribution, torch.Tensor]:
+        mean, log_std = torch.split(self.base_network(states), self.action_dim, dim=-1)
+        log_std = (self.log_std_multiplier() * log_std + self.log_std_offset()).clamp(self.LOG_STD_MIN,
+                                                                                    self.LOG_STD_MAX)
+        return TransformedDistribution(Normal(mean, log_std.exp()), TanhTransform(cache_size=1)), mean
+
+    def forward(self, states: torch.Tensor, deterministic: bool = False,
+                repeat: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Actions in [-max_action, max_action] and their log-probabilities; repeat: (B, repeat, A)."""
+        if repeat is not None:
+            states = states.unsqueeze(1).expand(-1, repeat, -1)
+        distribution, mean = self.distribution(states)
+        actions = torch.tanh(mean) if deterministic else distribution.rsample()
+        return self.max_action * actions, distribution.log_prob(actions).sum(-1)
+
+    def log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        distribution, _ = self.distribution(states)
+        bound = 1.0 - 1e-6  # atanh of the data's +-1 actions would be infinite
+        return distribution.log_prob((actions / self.max_action).clamp(-bound, bound)).sum(-1)
+
+
+class FullyConnectedQFunction(nn.Module):
+    def __init__(self, state_dim: int, action_dim: int, orthogonal_init: bool, n_hidden_layers: int):
+        super().__init__()
+        layers: List[nn.Module] = [nn.Linear(state_dim + action_dim, 256), nn.ReLU()]
+        for _ in range(n_hidden_layers - 1):
+            layers += [nn.Linear(256, 256), nn.ReLU()]
+        layers.append(nn.Linear(256, 1))
+        self.network = nn.Sequential(*layers)
+        if orthogonal_init:
+            self.network.apply(lambda m: init_linear(m, True))
+        else:
+            init_linear(self.network[-1], False)
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q(s, a): (B,) for actions (B, A); (B, n) for actions (B, n, A)."""
+        if actions.ndim == 3 and states.ndim == 2:
+            states = states.unsqueeze(1).expand(-1, actions.shape[1], -1)
+        return self.network(torch.cat([states, actions], dim=-1)).squeeze(-1)
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        for target_param, source_param in zip(target.parameters(), source.parameters(), strict=True):
+            target_param.lerp_(source_param, tau)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent
+# ---------------------------------------------------------------------------------------------
+class CalQL:
+    def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
+                 device: torch.device):
+        self.config, self.device, self.max_action = config, device, max_action
+        self.actor = TanhGaussianPolicy(state_dim, action_dim, max_action, config.orthogonal_init).to(device)
+        self.critic_1 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
+                                                config.q_n_hidden_layers).to(device)
+        self.critic_2 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
+                                                config.q_n_hidden_layers).to(device)
+        self.target_critic_1 = copy.deepcopy(self.critic_1).requires_grad_(False)
+        self.target_critic_2 = copy.deepcopy(self.critic_2).requires_grad_(False)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), config.policy_lr)
+        self.critic_optimizer = torch.optim.Adam([*self.critic_1.parameters(), *self.critic_2.parameters()],
+                                                 config.qf_lr)
+        self.log_alpha = Scalar(0.0).to(device)
+        self.alpha_optimizer = torch.optim.Adam(self.log_alpha.parameters(), config.policy_lr)
+        self.log_alpha_prime = Scalar(1.0).to(device)
+        self.alpha_prime_optimizer = torch.optim.Adam(self.log_alpha_prime.parameters(), config.qf_lr)
+        self.target_entropy = -float(action_dim)
+        self.cql_alpha = config.cql_alpha
+        self.calibration_enabled = True
+        self.total_it = 0
+
+    def start_online(self) -> None:
+        """As CORL: online, calibration is off and the regulariser takes cql_alpha_online."""
+        self.calibration_enabled = False
+        self.cql_alpha = self.config.cql_alpha_online
+
+    def _q_loss(self, batch: Dict[str, torch.Tensor], alpha: torch.Tensor,
+                log: Dict[str, torch.Tensor]) -> torch.Tensor:
+        config = self.config
+        states, actions, next_states = batch["states"], batch["actions"], batch["next_states"]
+        rewards, dones = batch["rewards"].squeeze(-1), batch["dones"].squeeze(-1)
+        q1_predicted, q2_predicted = self.critic_1(states, actions), self.critic_2(states, actions)
+
+        with torch.no_grad():
+            if config.cql_max_target_backup:
+                next_actions, next_log_pi = self.actor(next_states, repeat=config.cql_n_actions)
+                target_q = torch.min(self.target_critic_1(next_states, next_actions),
+                                     self.target_critic_2(next_states, next_actions))
+                target_q, best = target_q.max(-1)
+                next_log_pi = next_log_pi.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+            else:
+                next_actions, next_log_pi = self.actor(next_states)
+                target_q = torch.min(self.target_critic_1(next_states, next_actions),
+                                     self.target_critic_2(next_states, next_actions))
+            if config.backup_entropy:
+                target_q = target_q - alpha * next_log_pi
+            td_target = rewards + (1.0 - dones) * config.discount * target_q
+        qf1_loss, qf2_loss = F.mse_loss(q1_predicted, td_target), F.mse_loss(q2_predicted, td_target)
+
+        # CQL regulariser: log-sum-exp of Q over random, current-policy and next-state-policy actions.
+        batch_size, action_dim, n = actions.shape[0], actions.shape[-1], config.cql_n_actions
+        random_actions = actions.new_empty((batch_size, n, action_dim)).uniform_(-1, 1)
+        with torch.no_grad():
+            current_actions, current_log_pis = self.actor(states, repeat=n)
+            next_actions, next_log_pis = self.actor(next_states, repeat=n)
+        q1_rand, q2_rand = self.critic_1(states, random_actions), self.critic_2(states, random_actions)
+        q1_current, q2_current = self.critic_1(states, current_actions), self.critic_2(states, current_actions)
+        q1_next, q2_next = self.critic_1(states, next_actions), self.critic_2(states, next_actions)
+
+        # Cal-QL: Q-values of policy actions are bounded below by the Monte-Carlo return-to-go.
+        lower_bounds = batch["mc_returns"].expand(-1, n)
+        log["bound_rate_cql_q1_current_actions"] = (q1_current < lower_bounds).float().mean().detach()
+        if self.calibration_enabled:
+            q1_current, q2_current = torch.maximum(q1_current, lower_bounds), torch.maximum(q2_current, lower_bounds)
+            q1_next, q2_next = torch.maximum(q1_next, lower_bounds), torch.maximum(q2_next, lower_bounds)
+
+        if config.cql_importance_sample:
+            random_density = math.log(0.5**action_dim)
+            cat_q1 = torch.cat([q1_rand - random_density, q1_next - next_log_pis, q1_current - current_log_pis], 1)
+            cat_q2 = torch.cat([q2_rand - random_density, q2_next - next_log_pis, q2_current - current_log_pis], 1)
+        else:
+            cat_q1 = torch.cat([q1_rand, q1_predicted.unsqueeze(1), q1_next, q1_current], 1)
+            cat_q2 = torch.cat([q2_rand, q2_predicted.unsqueeze(1), q2_next, q2_current], 1)
+        qf1_ood = torch.logsumexp(cat_q1 / config.cql_temp, dim=1) * config.cql_temp
+        qf2_ood = torch.logsumexp(cat_q2 / config.cql_temp, dim=1) * config.cql_temp
+        qf1_diff = (qf1_ood - q1_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
+        qf2_diff = (qf2_ood - q2_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
+
+        if config.cql_lagrange:
+            alpha_prime = self.log_alpha_prime().exp().clamp(0.0, 1e6)
+            gaps = (qf1_diff.detach() - config.cql_target_action_gap, qf2_diff.detach() - config.cql_target_action_gap)
+            alpha_prime_loss = -0.5 * alpha_prime * self.cql_alpha * (gaps[0] + gaps[1])
+            self.alpha_prime_optimizer.zero_grad(set_to_none=True)
+            alpha_prime_loss.backward()
+            self.alpha_prime_optimizer.step()
+            alpha_prime = alpha_prime.detach()
+            cql_loss_1 = alpha_prime * self.cql_alpha * (qf1_diff - config.cql_target_action_gap)
+            cql_loss_2 = alpha_prime * self.cql_alpha * (qf2_diff - config.cql_target_action_gap)
+            log["alpha_prime"] = alpha_prime
+        else:
+            cql_loss_1, cql_loss_2 = qf1_diff * self.cql_alpha, qf2_diff * self.cql_alpha
+        log.update(qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), cql_min_qf1_loss=cql_loss_1.detach(),
+                   cql_min_qf2_loss=cql_loss_2.detach(), average_qf1=q1_predicted.detach().mean(),
+                   average_target_q=target_q.mean(), cql_q1_rand=q1_rand.detach().mean(),
+                   cql_q1_current_actions=q1_current.detach().mean(), cql_q1_next_actions=q1_next.detach().mean())
+        return qf1_loss + qf2_loss + cql_loss_1 + cql_loss_2
+
+    def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One Cal-QL step: temperature, actor (SAC), then critics (TD + calibrated CQL)."""
+        self.total_it += 1
+        config = self.config
+        states = batch["states"]
+        new_actions, log_pi = self.actor(states)
+        if config.use_automatic_entropy_tuning:
+            alpha_loss = -(self.log_alpha() * (log_pi + self.target_entropy).detach()).mean()
+            alpha = self.log_alpha().exp() * config.alpha_multiplier
+        else:
+            alpha_loss = states.new_tensor(0.0)
+            alpha = states.new_tensor(config.alpha_multiplier)
+
+        if self.total_it <= config.bc_steps:
+            policy_loss = (alpha.detach() * log_pi - self.actor.log_prob(states, batch["actions"])).mean()
+        else:
+            q_new_actions = torch.min(self.critic_1(states, new_actions), self.critic_2(states, new_actions))
+            policy_loss = (alpha.detach() * log_pi - q_new_actions).mean()
+
+        log: Dict[str, torch.Tensor] = {"policy_loss": policy_loss.detach(), "alpha_loss": alpha_loss.detach(),
+                                        "alpha": alpha.detach(), "log_pi": log_pi.detach().mean()}
+        qf_loss = self._q_loss(batch, alpha.detach(), log)
+
+        if config.use_automatic_entropy_tuning:
+            self.alpha_optimizer.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_optimizer.step()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        policy_loss.backward()
+        self.actor_optimizer.step()
+        self.critic_optimizer.zero_grad(set_to_none=True)  # also drops what policy_loss left in the critics
+        qf_loss.backward()
+        self.critic_optimizer.step()
+        if self.total_it % config.target_update_period == 0:
+            soft_update(self.target_critic_1, self.critic_1, config.soft_target_update_rate)
+            soft_update(self.target_critic_2, self.critic_2, config.soft_target_update_rate)
+        return log
+
+    @torch.no_grad()
+    def act(self, state: np.ndarray, explore: bool) -> np.ndarray:
+        """Evaluation: tanh of the mean. Exploration: a sample of the policy."""
+        states = torch.as_tensor(state, dtype=torch.float32, device=self.device)[None]
+        action, _ = self.actor(states, deterministic=not explore)
+        return action[0].cpu().numpy()
+
+    @torch.no_grad()
+    def sample_actions(self, states: torch.Tensor) -> torch.Tensor:
+        """A batch of exploration actions of the current policy (EDIS's policy-energy positives)."""
+        return self.actor(states)[0]
+
+    @torch.no_grad()
+    def policy_log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> Optional[torch.Tensor]:
+        """log pi(a|s) per row of the tanh-Gaussian policy."""
+        return self.actor.log_prob(states, actions)
+
+    def state_dict(self) -> Dict[str, Any]:
+        names = ("actor", "critic_1", "critic_2", "target_critic_1", "target_critic_2", "log_alpha",
+                 "log_alpha_prime", "actor_optimizer", "critic_optimizer", "alpha_optimizer", "alpha_prime_optimizer")
+        return {**{name: getattr(self, name).state_dict() for name in names}, "total_it": self.total_it,
+                "cql_alpha": self.cql_alpha, "calibration_enabled": self.calibration_enabled}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for name, value in state.items():
+            if name in ("total_it", "cql_alpha", "calibration_enabled"):
+                setattr(self, name, value)
+            else:
+                getattr(self, name).load_state_dict(value)
+# ==== END SHARED: Cal-QL returns-to-go, networks and agent ====
+
+
+# ==== BEGIN SHARED: EDIS diffusion model ====
+@dataclass
+class TransitionLayout:
+    """Where s, a, r, s' (and the terminal flag) sit in a flat transition vector x."""
+
+    state_dim: int
+    action_dim: int
+    include_terminal: bool
+
+    @property
+    def dim(self) -> int:
+        return 2 * self.state_dim + self.action_dim + 1 + int(self.include_terminal)
+
+    def block_masks(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        """0/1 masks of the blocks each energy's guidance may touch: s, a, and (r, s', done)."""
+        s, a = self.state_dim, self.action_dim
+        masks = {name: torch.zeros(self.dim, device=device) for name in ("state", "policy", "transition")}
+        masks["state"][:s] = 1.0
+        masks["policy"][s:s + a] = 1.0
+        masks["transition"][s + a:] = 1.0
+        return masks
+
+    def join(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = [batch["states"], batch["actions"], batch["rewards"], batch["next_states"]]
+        if self.include_terminal:
+            parts.append(batch["dones"])
+        return torch.cat(parts, dim=-1)
+
+    def split(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        s, a = self.state_dim, self.action_dim
+        dones = (x[:, -1:] > 0.5).float() if self.include_terminal else torch.zeros_like(x[:, :1])
+        return {"states": x[:, :s], "actions": x[:, s:s + a], "rewards": x[:, s + a:s + a + 1],
+                "next_states": x[:, s + a + 1:2 * s + a + 1], "dones": dones}
+
+
+class RandomFourierEmbedding(nn.Module):
+    """Fixed random Fourier features of EDM's noise input c_noise = ln(sigma) / 4."""
+
+    def __init__(self, dim: int, scale: float = 16.0):
+        super().__init__()
+        self.register_buffer("frequencies", torch.randn(dim // 2) * scale)
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        angles = 2 * math.pi * c_noise[:, None] * self.frequencies[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm, self.linear = nn.LayerNorm(width), nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.linear(F.silu(self.norm(h)))
+
+
+class ResidualMLPDenoiser(nn.Module):
+    """SynthER-style residual MLP: F(x, c_noise), the raw network inside EDM's preconditioning."""
+
+    def __init__(self, dim: int, width: int, blocks: int, time_embedding_dim: int):
+        super().__init__()
+        self.input = nn.Linear(dim, width)
+        self.time = nn.Sequential(RandomFourierEmbedding(time_embedding_dim), nn.Linear(time_embedding_dim, width),
+                                  nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(blocks)])
+        self.output = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        return self.output(self.blocks(self.input(x) + self.time(c_noise)))
+
+
+class TransitionDiffusion:
+    """EDM (Karras et al. 2022) over transitions standardised per dimension.
+
+    Training: log-normal noise levels, EDM's loss weighting. Sampling: the stochastic Heun sampler
+    on the EMA weights, optionally with a guidance term; it can also record the sampler's state at
+    every level where it calls the denoiser (the energies' negatives come from there).
+    """
+
+    def __init__(self, dim: int, config: "EDISConfig", device: torch.device):
+        self.dim, self.config, self.device = dim, config, device
+        self.mean = torch.zeros(dim, device=device)
+        self.std = torch.ones(dim, device=device)
+        self.reset_weights()
+
+    def reset_weights(self) -> None:
+        config = self.config
+        self.model = ResidualMLPDenoiser(self.dim, config.width, config.blocks, config.time_embedding_dim).to(
+            self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, network: Optional[nn.Module] = None) -> torch.Tensor:
+        """D(x; sigma) with EDM's preconditioning; sigma has one entry per row."""
+        network = self.ema if network is None else network
+        sigma = sigma.reshape(-1, 1)
+        sigma_data = self.config.sigma_data
+        c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+        c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+        c_in = 1.0 / (sigma**2 + sigma_data**2).sqrt()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            out = network(c_in * x, sigma.log().flatten() / 4)
+        return c_skip * x + c_out * out.float()
+
+    def fit(self, data: torch.Tensor, steps: int, desc: str = "diffusion") -> float:
+        """Trains the denoiser on raw transitions (the standardisation is refit on them); returns the last loss."""
+        config = self.config
+        self.mean, self.std = data.mean(0), data.std(0) + 1e-3
+        normalized = self.normalize(data)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(steps, 1))
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.lr
+        loss = torch.zeros((), device=self.device)
+        for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0, disable=steps < 1000):
+            x0 = normalized[torch.randint(0, len(normalized), (config.batch_size,), device=self.device)]
+            sigma = (torch.randn(len(x0), device=self.device) * config.p_std + config.p_mean).exp()
+            weight = (sigma**2 + config.sigma_data**2) / (sigma * config.sigma_data) ** 2
+            denoised = self.denoise(x0 + sigma[:, None] * torch.randn_like(x0), sigma, self.model)
+            loss = (weight[:, None] * (denoised - x0) ** 2).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                for ema_param, param in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                    ema_param.lerp_(param, 1.0 - config.ema_decay)
+        return float(loss)
+
+    def sampler_levels(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(sigma_i for i = 0..N with sigma_N = 0, and the churned levels sigma_hat_i for i < N)."""
+        config = self.config
+        steps = config.sample_steps
+        ramp = torch.linspace(0, 1, steps, device=self.device, dtype=torch.float64)
+        inv_rho = 1.0 / config.rho
+        sigmas = (config.sigma_max**inv_rho + ramp * (config.sigma_min**inv_rho - config.sigma_max**inv_rho))
+        sigmas = torch.cat([sigmas**config.rho, sigmas.new_zeros(1)])
+        gamma = min(config.s_churn / steps, math.sqrt(2) - 1)
+        churn = (sigmas[:-1] >= config.s_tmin) & (sigmas[:-1] <= config.s_tmax)
+        sigma_hats = sigmas[:-1] * (1 + gamma * churn)
+        return sigmas.float(), sigma_hats.float()
+
+    def guidance_levels(self) -> torch.Tensor:
+        """Every noise level at which the sampler calls the denoiser (and so the guidance), in call order."""
+        sigmas, sigma_hats = self.sampler_levels()
+        levels = []
+        for i in range(len(sigma_hats)):
+            levels.append(sigma_hats[i])
+            if sigmas[i + 1] > 0:
+                levels.append(sigmas[i + 1])
+        return torch.stack(levels)
+
+    def sample(self, count: int, guidance: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+               record: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`count` raw transitions; with record, also the standardised states at every guidance level
+        (levels x count x dim)."""
+        samples, trajectories = [], []
+        for start in range(0, count, self.config.sample_batch_size):
+            x, trajectory = self._sample_batch(min(self.config.sample_batch_size, count - start), guidance, record)
+            samples.append(x)
+            trajectories.append(trajectory)
+        recorded = torch.cat(trajectories, dim=1) if record else None
+        return self.unnormalize(torch.cat(samples)), recorded
+
+    def _guided_denoise(self, x: torch.Tensor, sigma: torch.Tensor, guidance: Optional[Callable]) -> torch.Tensor:
+        sigma_rows = sigma.expand(len(x))
+        with torch.no_grad():
+            denoised = self.denoise(x, sigma_rows)
+        if guidance is None:
+            return denoised
+        # Score of p * exp(-E): score - grad E, i.e. D' = D - sigma^2 grad E; the shift is clipped in norm.
+        shift = sigma**2 * guidance(x, sigma_rows)
+        norm = shift.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return denoised - shift * (self.config.guidance_clip / norm).clamp(max=1.0)
+
+    def _sample_batch(self, count: int, guidance: Optional[Callable], record: bool) -> Tuple[torch.Tensor, Any]:
+        config = self.config
+        sigmas, sigma_hats = self.sampler_levels()
+        x = torch.randn(count, self.dim, device=self.device) * sigmas[0]
+        states = []
+        for i in range(config.sample_steps):
+            sigma, sigma_hat, sigma_next = sigmas[i], sigma_hats[i], sigmas[i + 1]
+            x_hat = x + (sigma_hat**2 - sigma**2).clamp_min(0).sqrt() * config.s_noise * torch.randn_like(x)
+            if record:
+                states.append(x_hat)
+            d = (x_hat - self._guided_denoise(x_hat, sigma_hat, guidance)) / sigma_hat
+            x = x_hat + (sigma_next - sigma_hat) * d
+            if sigma_next > 0:
+                if record:
+                    states.append(x)
+                d_next = (x - self._guided_denoise(x, sigma_next, guidance)) / sigma_next
+                x = x_hat + (sigma_next - sigma_hat) * (d + d_next) / 2
+        return x, (torch.stack(states) if record else None)
+# ==== END SHARED: EDIS diffusion model ====
+
+
+# ==== BEGIN SHARED: EDIS energies and guidance ====
+class EnergyNetwork(nn.Module):
+    """E(x_sigma, sigma): an MLP on the noised transition and the noise level's Fourier features."""
+
+    def __init__(self, dim: int, hidden: int, layers: int, time_embedding_dim: int):
+        super().__init__()
+        self.time = RandomFourierEmbedding(time_embedding_dim)
+        sizes = [dim + time_embedding_dim, *[hidden] * layers, 1]
+        modules: List[nn.Module] = []
+        for i in range(len(sizes) - 1):
+            modules.append(nn.Linear(sizes[i], sizes[i + 1]))
+            if i < len(sizes) - 2:
+                modules.append(nn.ReLU())
+        self.net = nn.Sequential(*modules)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, self.time(sigma.log() / 4)], dim=-1)).squeeze(-1)
+
+
+class TransitionEnergies:
+    """E_state, E_policy, E_transition trained by contrastive energy prediction (InfoNCE).
+
+    A positive (a recent online transition, noised to level sigma) competes with K negatives: the
+    diffusion sampler's own states at that same level. For E_policy the positive's action comes
+    from the current policy and the negatives keep the positive's s; for E_transition the
+    negatives keep the positive's (s, a) and differ in (r, s', done). The loss picks the positive
+    with logits -E, so at the optimum exp(-E) is proportional to online density / model density.
+    Only energies with a non-zero guidance scale are trained or evaluated.
+    """
+
+    NAMES = ("state", "policy", "transition")
+
+    def __init__(self, layout: TransitionLayout, config: "EDISConfig", device: torch.device):
+        self.layout, self.config, self.device = layout, config, device
+        self.scales = {"state": config.guidance_state, "policy": config.guidance_policy,
+                       "transition": config.guidance_transition}
+        self.active = [name for name in self.NAMES if self.scales[name] > 0]
+        self.masks = layout.block_masks(device)
+        self.networks = {name: EnergyNetwork(layout.dim, config.energy_hidden, config.energy_layers,
+                                             config.time_embedding_dim).to(device) for name in self.active}
+        self.optimizers = {name: torch.optim.Adam(self.networks[name].parameters(), lr=config.energy_lr)
+                           for name in self.active}
+
+    def _infonce(self, name: str, positive: torch.Tensor, negatives: torch.Tensor, sigma: torch.Tensor
+                 ) -> torch.Tensor:
+        """positive (B, dim), negatives (B, K, dim), sigma (B,): cross-entropy of picking the positive."""
+        candidates = torch.cat([positive[:, None], negatives], dim=1)
+        batch, count, dim = candidates.shape
+        energies = self.networks[name](candidates.reshape(-1, dim), sigma.repeat_interleave(count))
+        logits = -energies.reshape(batch, count)
+        return F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=self.device))
+
+    def train(self, positives: torch.Tensor, policy_positives: torch.Tensor, trajectory: torch.Tensor,
+              levels: torch.Tensor, epochs: int) -> Dict[str, float]:
+        """positives, policy_positives: standardised transitions (N, dim); trajectory: the sampler's states at
+        each level (L, M, dim); levels: those L noise levels. Returns the last loss of each energy."""
+        config, losses = self.config, {}
+        count, pool = len(positives), trajectory.shape[1]
+        keep_sa = self.masks["state"] + self.masks["policy"]
+        for _ in range(epochs):
+            order = torch.randperm(count, device=self.device)
+            for start in range(0, count, config.energy_batch_size):
+                index = order[start:start + config.energy_batch_size]
+                batch = len(index)
+                level = torch.randint(0, len(levels), (batch,), device=self.device)
+                sigma = levels[level]
+                noise = torch.randn(batch, self.layout.dim, device=self.device)
+                negative_rows = torch.randint(0, pool, (batch, config.energy_negatives), device=self.device)
+                negatives = trajectory[level[:, None], negative_rows]  # (B, K, dim), same level as the positive
+                for name in self.active:
+                    source = policy_positives if name == "policy" else positives
+                    positive = source[index] + sigma[:, None] * noise
+                    if name == "state":
+                        name_negatives = negatives
+                    else:  # negatives share the positive's s (policy) or (s, a) (transition)
+                        keep = self.masks["state"] if name == "policy" else keep_sa
+                        name_negatives = negatives * (1 - keep) + positive[:, None] * keep
+                    loss = self._infonce(name, positive, name_negatives, sigma)
+                    self.optimizers[name].zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizers[name].step()
+                    losses[name] = loss.detach()
+        return {name: float(loss) for name, loss in losses.items()}
+
+    def guidance(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """sum_k scale_k * mask_k * grad_x E_k(x, sigma), from one backward pass.
+
+        Each energy sees its own block attached to the graph and the other blocks detached, so the
+        gradient of the weighted sum is already masked per energy.
+        """
+        if not self.active:
+            return torch.zeros_like(x)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            total = x.new_zeros(())
+            for name in self.active:
+                mask = self.masks[name]
+                total = total + self.scales[name] * self.networks[name](x * mask + x.detach() * (1 - mask), sigma).sum()
+            (gradient,) = torch.autograd.grad(total, x)
+        return gradient
+# ==== END SHARED: EDIS energies and guidance ====
+
+
+# ==== BEGIN SHARED: EDIS refresh and metrics ====
+def rbf_mmd(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Squared maximum mean discrepancy with a Gaussian kernel, bandwidth = median pairwise distance."""
+    joint = torch.cat([x, y])
+    distances = torch.cdist(joint, joint) ** 2
+    bandwidth = distances[distances > 0].median().clamp_min(1e-6)
+    kernel = torch.exp(-distances / bandwidth)
+    n = len(x)
+    return float(kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean())
+
+
+def dynamics_fidelity(env: gym.Env, states: np.ndarray, actions: np.ndarray, next_states: np.ndarray,
+                      rewards: np.ndarray) -> Optional[Dict[str, float]]:
+    """Error of generated (s', r) against the simulator, for envs whose observation is the simulator state.
+
+    Hopper, Walker2d, HalfCheetah observe qpos without the x position, then qvel: set the
+    simulator to each generated s (x = 0; rewards use x differences only), step the generated a.
+    Returns None where the state cannot be recovered from the observation.
+    """
+    base = env.unwrapped
+    if not (env.spec is not None and env.spec.id.split("-")[0] in ("Hopper", "Walker2d", "HalfCheetah")):
+        return None
+    env.reset(seed=0)
+    nq = base.model.nq
+    state_errors, reward_errors = [], []
+    for state, action, next_state, reward in zip(states, actions, next_states, rewards, strict=True):
+        base.set_state(np.concatenate([[0.0], state[:nq - 1]]), state[nq - 1:])
+        true_next, true_reward, *_ = base.step(np.clip(action, env.action_space.low, env.action_space.high))
+        state_errors.append(np.mean((true_next - next_state) ** 2))
+        reward_errors.append(abs(true_reward - reward))
+    return {"state_mse": float(np.mean(state_errors)), "reward_mae": float(np.mean(reward_errors))}
+
+
+class EDIS:
+    """Owns the diffusion model, the three energies and the buffer of generated transitions.
+
+    `refresh` is one round of the method: fit the diffusion model (on offline + online data), train
+    the energies on the most recent online transitions, refill the generated buffer with guided
+    samples, and measure what guidance bought against unguided samples of the same model.
+    """
+
+    def __init__(self, config: "EDISConfig", state_dim: int, action_dim: int, max_action: float,
+                 device: torch.device, fidelity_env: gym.Env, state_mean: np.ndarray, state_std: np.ndarray,
+                 reward_scale: float, reward_bias: float):
+        self.config, self.device, self.max_action = config, device, max_action
+        self.layout = TransitionLayout(state_dim, action_dim, config.include_terminal)
+        self.diffusion = TransitionDiffusion(self.layout.dim, config, device)
+        self.energies = TransitionEnergies(self.layout, config, device)
+        columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1}
+        self.generated = ReplayBuffer(config.num_samples, columns, device)
+        self.fidelity_env = fidelity_env
+        self.state_mean, self.state_std = state_mean, state_std
+        self.reward_scale, self.reward_bias = reward_scale, reward_bias
+        self.refreshes = 0
+        self.fidelity_note_shown = False
+
+    def refresh(self, offline: Dict[str, torch.Tensor], online_buffer: "ReplayBuffer", agent: Any) -> Dict[str, float]:
+        """One EDIS round. Without online data yet, only the diffusion model is fitted."""
+        config, log = self.config, {}
+        columns = ("states", "actions", "rewards", "next_states", "dones")
+        online = online_buffer.recent(len(online_buffer))
+        data = self.layout.join({name: torch.cat([offline[name], online[name]]) for name in columns})
+        first = self.refreshes == 0
+        if config.retrain_from_scratch and not first:
+            self.diffusion.reset_weights()
+        start = time.perf_counter()
+        steps = config.initial_fit_steps if first else config.refresh_fit_steps
+        log["edis/diffusion_loss"] = self.diffusion.fit(data, steps, desc=f"EDIS fit {self.refreshes}")
+        log["edis/time_diffusion_s"] = time.perf_counter() - start
+        self.refreshes += 1
+        if len(online_buffer) == 0:
+            return log
+
+        start = time.perf_counter()
+        recent = online_buffer.recent(config.positive_buffer_size)
+        positives = self.diffusion.normalize(self.layout.join(recent))
+        on_policy = dict(recent, actions=agent.sample_actions(recent["states"]))
+        policy_positives = self.diffusion.normalize(self.layout.join(on_policy))
+        with torch.no_grad():
+            unguided, trajectory = self.diffusion.sample(config.negative_pool, record=True)
+        levels = self.diffusion.guidance_levels()
+        sampling_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        for name, loss in self.energies.train(positives, policy_positives, trajectory, levels,
+                                              config.energy_epochs).items():
+            log[f"edis/energy_loss_{name}"] = loss
+        log["edis/time_energy_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        guided, _ = self.diffusion.sample(config.num_samples, guidance=self.energies.guidance)
+        generated = self.layout.split(guided)
+        generated["actions"] = generated["actions"].clamp(-self.max_action, self.max_action)
+        self.generated.size = self.generated.pointer = 0  # the new samples replace the old ones
+        self.generated.add_batch(**generated)
+        log["edis/time_sampling_s"] = sampling_seconds + time.perf_counter() - start
+        log["edis/generated"] = float(len(self.generated))
+
+        count = min(config.metric_samples, len(unguided), len(guided))
+        reference_states = recent["states"][-count:]
+        log["edis/state_mmd_offline"] = rbf_mmd(offline["states"][torch.randperm(len(offline["states"]),
+                                                                                  device=self.device)[:count]],
+                                                reference_states)
+        for label, samples in (("guided", guided[:count]), ("unguided", unguided[:count])):
+            log.update(self.alignment(label, self.layout.split(samples), reference_states, agent))
+        return log
+
+    def alignment(self, label: str, batch: Dict[str, torch.Tensor], online_states: torch.Tensor,
+                  agent: Any) -> Dict[str, float]:
+        """The three properties of generated data the paper claims, for one batch."""
+        metrics = {f"edis/state_mmd_{label}": rbf_mmd(batch["states"], online_states)}
+        log_prob = agent.policy_log_prob(batch["states"], batch["actions"].clamp(-self.max_action, self.max_action))
+        if log_prob is not None:
+            metrics[f"edis/policy_loglik_{label}"] = float(log_prob.mean())
+        rows = min(256, len(batch["states"]))
+        raw = {name: batch[name][:rows].cpu().numpy() for name in ("states", "actions", "next_states", "rewards")}
+        fidelity = dynamics_fidelity(
+            self.fidelity_env, raw["states"] * self.state_std + self.state_mean, raw["actions"],
+            raw["next_states"] * self.state_std + self.state_mean,
+            (raw["rewards"][:, 0] - self.reward_bias) / self.reward_scale)
+        if fidelity is None:
+            if not self.fidelity_note_shown:
+                print("note: dynamics fidelity is skipped: this env's observation does not determine its "
+                      "simulator state", file=sys.stderr)
+                self.fidelity_note_shown = True
+        else:
+            metrics[f"edis/dynamics_state_mse_{label}"] = fidelity["state_mse"]
+            metrics[f"edis/dynamics_reward_mae_{label}"] = fidelity["reward_mae"]
+        return metrics
+# ==== END SHARED: EDIS refresh and metrics ====
+
+
+# ==== BEGIN SHARED: evaluation ====
+def evaluate(env: gym.Env, act: Callable[[np.ndarray], np.ndarray], info: DatasetInfo, n_episodes: int,
+             seed: int) -> Dict[str, float]:
+    """Mean return over n_episodes (seeded once, so the same seed gives the same episodes)."""
+    returns, successes = [], []
+    for episode in range(n_episodes):
+        state, _ = env.reset(seed=seed if episode == 0 else None)
+        episode_return, success, done = 0.0, False, False
+        while not done:
+            state, reward, terminated, truncated, env_info = env.step(act(state))
+            episode_return += float(reward)
+            success |= bool(env_info.get("success", env_info.get("goal_achieved", False)))
+            done = terminated or truncated
+        returns.append(episode_return)
+        successes.append(float(success))
+    metrics = {"eval/return": float(np.mean(returns)), "eval/return_std": float(np.std(returns))}
+    if info.has_reference:
+        metrics["eval/normalized_score"] = info.normalized_score(metrics["eval/return"])
+    if info.domain in SUCCESS_DOMAINS:
+        metrics["eval/success_rate"] = float(np.mean(successes))
+    return metrics
+# ==== END SHARED: evaluation ====
+
+# ==== BEGIN SHARED: logging and checkpoints ====
+def default_run_name(config: Any) -> str:
+    dataset = re.sub(r"[^A-Za-z0-9._-]+", "-", config.dataset.split(":", 1)[-1]).strip("-")[-60:]
+    return f"{ALGORITHM}-{dataset}-seed{config.seed}-{uuid.uuid4().hex[:8]}"
+
+
+def package_versions() -> Dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+                "numpy": np.__version__}
+    try:
+        import mujoco
+
+        versions["mujoco"] = mujoco.__version__
+    except ImportError:
+        versions["mujoco"] = "not installed"
+    return versions
+
+
+class RunLogger:
+    """Writes log_dir/<name>/ (config.yaml, metrics.jsonl, summary.json) and mirrors metrics to W&B."""
+
+    def __init__(self, config: Any, info: DatasetInfo):
+        self.run_dir = Path(config.log_dir) / config.name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "config.yaml", "w") as file:
+            pyrallis.dump(config, file)
+        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # a line per event, flushed
+        self.history: List[Dict[str, Any]] = []
+        if not info.has_reference:
+            print(f"note: {info.source} has no reference returns; scores are raw returns (eval/return)",
+                  file=sys.stderr)
+        self.wandb = None
+        if config.wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(config=asdict(config), project=config.project, group=config.group,
+                                    name=config.name, id=str(uuid.uuid4()), mode=config.wandb_mode,
+                                    dir=str(self.run_dir))
+
+    def log(self, metrics: Dict[str, float], step: int, phase: str) -> None:
+        record = {"step": step, "phase": phase, **metrics}
+        self.history.append(record)
+        self.metrics_file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def write_summary(self, summary: Dict[str, Any]) -> None:
+        partial = self.run_dir / "summary.json.part"
+        partial.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(partial, self.run_dir / "summary.json")
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def phase_summary(history: List[Dict[str, Any]], phase: str) -> Dict[str, Any]:
+    """Final and best evaluation metrics of one phase."""
+    evaluations = [record for record in history if record["phase"] == phase and "eval/return" in record]
+    summary: Dict[str, Any] = {"evaluations": len(evaluations)}
+    for key in ("eval/normalized_score", "eval/return", "eval/success_rate"):
+        values = [record[key] for record in evaluations if key in record]
+        name = key.split("/", 1)[1]
+        summary[f"final_{name}"] = values[-1] if values else None
+        summary[f"best_{name}"] = max(values) if values else None
+    return summary
+
+
+def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
+    """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    torch.save(payload, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(path: str, device: torch.device) -> Dict[str, Any]:
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:
+        raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+    if payload.get("algorithm") != ALGORITHM:
+        raise UserError(f"checkpoint {path} was written by {payload.get('algorithm')!r}, not {ALGORITHM!r}")
+    return payload
+# ==== END SHARED: logging and checkpoints ====
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: offline pretraining, then online fine-tuning
+# ---------------------------------------------------------------------------------------------
+def train(config: TrainConfig) -> Dict[str, Any]:
+    device = resolve_device(config.device)
+    set_seed(config.seed)
+    data, info = load_dataset(config.dataset, config.env)
+    env, eval_env = make_env(info, seed=config.seed), make_env(info, seed=config.eval_seed)
+    check_dataset_matches_env(data, env, info)
+    max_steps = max_episode_steps_of(env)
+    reward_scale, reward_bias = reward_transform(data, info, config.normalize_reward, config.reward_scale,
+                                                 config.reward_bias, max_steps)
+    state_mean, state_std = state_statistics(data["observations"], config.normalize)
+    fidelity_env = make_env(info, seed=config.seed)
+    env, eval_env = NormalizeState(env, state_mean, state_std), NormalizeState(eval_env, state_mean, state_std)
+    state_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    max_action = float(env.action_space.high[0])
+
+    offline = transition_columns(data)
+    offline["states"] = (offline["states"] - state_mean) / state_std
+    offline["next_states"] = (offline["next_states"] - state_mean) / state_std
+    offline["rewards"] = offline["rewards"] * reward_scale + reward_bias
+    offline["mc_returns"] = returns_to_go(offline["rewards"][:, 0], data["terminals"], data["episode_ends"],
+                                          config.discount, reward_bias if config.is_sparse_reward else None)[:, None]
+    columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1,
+               "mc_returns": 1}
+    offline_capacity = min(config.buffer_size, len(data["observations"]))
+    offline_buffer = ReplayBuffer(offline_capacity, columns, device)
+    offline_buffer.add_batch(**{name: values[-offline_capacity:] for name, values in offline.items()})
+    online_buffer = ReplayBuffer(max(min(config.buffer_size, config.online_iterations), 1), columns, device)
+    edis = EDIS(config.edis, state_dim, action_dim, max_action, device, fidelity_env, state_mean, state_std,
+                reward_scale, reward_bias)
+    generated_batch_size = int(config.batch_size * config.edis.mix_ratio)
+    online_batch_size = config.batch_size - generated_batch_size
+
+    agent = CalQL(config, state_dim, action_dim, max_action, device)
+    start = 0
+    if config.load_model:
+        checkpoint = load_checkpoint(config.load_model, device)
+        agent.load_state_dict(checkpoint["agent"])
+        start = config.offline_iterations  # a loaded agent skips offline pretraining
+    config.name = config.name or default_run_name(config)
+    logger = RunLogger(config, info)
+    collector = OnlineCollector(env, info, config.seed, reward_scale, reward_bias)
+    checkpoint_dir = Path(config.checkpoints_path) / config.name if config.checkpoints_path else None
+    total = config.offline_iterations + config.online_iterations
+    score_key = "eval/normalized_score" if info.has_reference else "eval/return"
+    print(f"Cal-QL-EDIS on {info.source} ({info.env_id}), {len(data['observations'])} transitions, device {device}, "
+          f"logs in {logger.run_dir}")
+
+    progress = tqdm(range(start, total), initial=start, total=total, desc="Cal-QL-EDIS", mininterval=1.0)
+    run_start, online_start = time.perf_counter(), None
+    try:
+        for t in progress:
+            phase = "offline" if t < config.offline_iterations else "online"
+            if t == config.offline_iterations:
+                online_start = time.perf_counter()
+                agent.start_online()
+                logger.log(edis.refresh(offline_buffer.recent(len(offline_buffer)), online_buffer, agent), t, phase)
+            episode_log = None
+            if phase == "online":
+                action = agent.act(collector.state, explore=True)
+                transition, episode_log = collector.step(action)
+                # Online and generated rows carry no return-to-go: calibration is off online (CORL).
+                online_buffer.add(**transition, mc_returns=np.zeros(1, np.float32))
+                if collector.env_steps % config.edis.refresh_every == 0:
+                    refresh_log = edis.refresh(offline_buffer.recent(len(offline_buffer)), online_buffer, agent)
+                    logger.log({**refresh_log, "env_steps": collector.env_steps}, t + 1, phase)
+                # Until the first refresh has generated anything, offline data stand in for generated data.
+                if len(edis.generated):
+                    generated_part = edis.generated.sample(generated_batch_size)
+                    generated_part["mc_returns"] = torch.zeros_like(generated_part["rewards"])
+                else:
+                    generated_part = offline_buffer.sample(generated_batch_size)
+                online_part = online_buffer.sample(online_batch_size)
+                batch = {name: torch.cat([generated_part[name], online_part[name]]) for name in columns}
+            else:
+                batch = offline_buffer.sample(config.batch_size)
+            losses = agent.update(batch)
+            step = t + 1
+            if step % config.log_freq == 0:
+                logger.log({f"train/{name}": value.item() for name, value in losses.items()}, step, phase)
+            if episode_log is not None:
+                logger.log({**episode_log, "env_steps": collector.env_steps}, step, phase)
+            if step % config.eval_freq == 0 or step in (config.offline_iterations, total):
+                metrics = evaluate(eval_env, lambda s: agent.act(s, explore=False), info, config.n_episodes,
+                                   config.eval_seed)
+                logger.log(metrics, step, phase)
+                progress.set_postfix({score_key.split("/")[1]: f"{metrics[score_key]:.1f}", "phase": phase})
+                if checkpoint_dir is not None:
+                    save_checkpoint(checkpoint_dir / f"checkpoint_{step}.pt",
+                                    {"algorithm": ALGORITHM, "agent": agent.state_dict(), "step": step,
+                                     "phase": phase, "state_mean": state_mean, "state_std": state_std,
+                                     "config": asdict(config)})
+    finally:
+        progress.close()
+        env.close()
+        eval_env.close()
+        fidelity_env.close()
+    run_end = time.perf_counter()
+    offline_seconds = (online_start or run_end) - run_start
+    online_seconds = run_end - online_start if online_start is not None else 0.0
+    summary = {
+        "algorithm": ALGORITHM, "dataset": info.source, "env": info.env_id, "seed": config.seed,
+        "score_metric": score_key,
+        "offline": {**phase_summary(logger.history, "offline"), "iterations": max(config.offline_iterations - start, 0),
+                    "wall_clock_s": round(offline_seconds, 2)},
+        "online": {**phase_summary(logger.history, "online"), "env_steps": collector.env_steps,
+                   "wall_clock_s": round(online_seconds, 2)},
+        "env_steps": collector.env_steps,
+        "edis_refreshes": edis.refreshes,
+        "versions": package_versions(),
+    }
+    logger.write_summary(summary)
+    logger.close()
+    return summary
+
+
+# ==== BEGIN SHARED: entry point ====
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        config = parse_config(TrainConfig, CONFIG_SECTIONS, argv)
+        validate_config(config)
+        train(config)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+# ==== END SHARED: entry point ====
