@@ -18,6 +18,8 @@ The file is self-contained: copy it into your project and it runs. A section mar
 """
 
 import copy
+import functools
+import inspect
 import json
 import math
 import os
@@ -47,7 +49,7 @@ from tqdm.auto import tqdm
 
 ALGORITHM = "iql_edis"
 # YAML sections this script reads besides the common keys; sections of other algorithms are skipped.
-CONFIG_SECTIONS = ("iql", "edis")
+CONFIG_SECTIONS = ("iql", "edis", "iql_edis")
 
 
 # ==== BEGIN SHARED: EDIS config ====
@@ -179,7 +181,7 @@ class UserError(Exception):
 
 
 # Sections a dataset YAML may hold: each script reads its own and skips the others.
-ALL_CONFIG_SECTIONS = ("iql", "calql", "edis")
+ALL_CONFIG_SECTIONS = ("iql", "calql", "edis", "iql_edis", "calql_edis")
 
 
 def _pop_config_argument(argv: List[str]) -> Tuple[Optional[str], List[str]]:
@@ -208,8 +210,10 @@ def _dataclass_fields(cls: type) -> Dict[str, Any]:
 def read_config_file(path: str, config_class: type, own_sections: Tuple[str, ...]) -> Dict[str, Any]:
     """Common keys plus this script's sections of a dataset YAML, checked against the dataclass.
 
-    A section whose name is a nested dataclass field (`edis:`) stays nested; any other own
-    section (`iql:`) is merged into the top level and overrides the common keys.
+    Later sections in `own_sections` override earlier ones and the common keys. A section named
+    after a nested dataclass field (`edis:`) fills that field; any other (`iql:`, `iql_edis:`) is
+    merged into the top level, where a mapping for a nested field (`edis:` inside `iql_edis:`)
+    updates it key by key.
     """
     try:
         with open(path) as file:
@@ -223,26 +227,26 @@ def read_config_file(path: str, config_class: type, own_sections: Tuple[str, ...
         raise UserError(f"config file {path} must hold a mapping of keys to values")
     known = _dataclass_fields(config_class)
     merged: Dict[str, Any] = {}
-    overrides: Dict[str, Any] = {}
     for key, value in raw.items():
         if key in ALL_CONFIG_SECTIONS:
-            if key not in own_sections:
-                continue  # another algorithm's section
             if not isinstance(value, dict):
                 raise UserError(f"section '{key}' in {path} must be a mapping")
-            if key in known:
-                merged[key] = value  # a nested dataclass, checked below
-                continue
-            for sub_key in value:
-                if sub_key not in known:
-                    raise UserError(f"unknown key '{key}.{sub_key}' in {path}")
-            overrides.update(value)
+        elif key not in known:
+            raise UserError(f"unknown key '{key}' in {path}")
         else:
-            if key not in known:
-                raise UserError(f"unknown key '{key}' in {path}")
             merged[key] = value
-    merged.update(overrides)
-    # Nested sections (a dataclass field such as `edis`) are checked against their own fields.
+    for section in own_sections:
+        values = raw.get(section) or {}
+        if section in known:
+            values = {section: values}
+        for key, value in values.items():
+            if key not in known:
+                raise UserError(f"unknown key '{section}.{key}' in {path}")
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    # Nested dataclass fields (such as `edis`) are checked against their own fields.
     defaults = config_class()
     for key, value in merged.items():
         default = getattr(defaults, key)
@@ -253,16 +257,26 @@ def read_config_file(path: str, config_class: type, own_sections: Tuple[str, ...
             for sub_key in value:
                 if sub_key not in nested:
                     raise UserError(f"unknown key '{key}.{sub_key}' in {path}")
+        elif isinstance(value, dict):
+            raise UserError(f"'{key}' in {path} must be a single value, not a mapping")
     return merged
 
 
 BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
 
 
-def check_command_line(config_class: type, args: List[str]) -> None:
-    """Unknown options and non-boolean words for booleans are errors naming the option."""
-    defaults = config_class()
+def prepare_command_line(config_class: type, args: List[str]) -> List[str]:
+    """Checks options and quotes string values for pyrallis.
+
+    Unknown options and non-boolean words for booleans are errors naming the option. pyrallis
+    reads values as YAML, so `--name off` would become "False": values of str fields are quoted.
+    """
+    defaults, prepared, skip = config_class(), [], False
     for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        prepared.append(arg)
         if not arg.startswith("--") or arg in ("--help", "-h"):
             continue
         key, eq, value = arg[2:].partition("=")
@@ -271,16 +285,22 @@ def check_command_line(config_class: type, args: List[str]) -> None:
         name = tail or head
         if not hasattr(defaults, head) or (tail and not (is_dataclass(owner) and hasattr(owner, tail))):
             raise UserError(f"unknown option --{key} (see --help)")
-        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if not eq:
+            if i + 1 >= len(args):
+                continue  # pyrallis reports the missing value
+            value, skip = args[i + 1], True
         if isinstance(getattr(owner, name), bool) and value.lower() not in BOOLEAN_WORDS:
             raise UserError(f"--{key} takes true or false, not {value!r}")
+        field_type = _dataclass_fields(type(owner))[name].type
+        prepared[-1:] = [f"--{key}", json.dumps(value) if field_type is str else value]
+    return prepared
 
 
 def parse_config(config_class: type, own_sections: Tuple[str, ...], argv: Optional[List[str]] = None) -> Any:
     """Dataclass from defaults < config file < command line (`--key value`, `--section.key value`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path, rest = _pop_config_argument(argv)
-    check_command_line(config_class, rest)
+    rest = prepare_command_line(config_class, rest)
     with tempfile.TemporaryDirectory() as tmp:
         config_path = None
         if path is not None:
@@ -288,6 +308,10 @@ def parse_config(config_class: type, own_sections: Tuple[str, ...], argv: Option
             config_path = os.path.join(tmp, "config.yaml")
             with open(config_path, "w") as file:
                 yaml.safe_dump(values, file)
+        # pyrallis finds each field's comment with inspect.getsource(class), which re-parses this whole
+        # file per field (seconds for a long file): cache it while parsing.
+        getsource = inspect.getsource
+        inspect.getsource = functools.lru_cache(maxsize=None)(getsource)
         try:
             return pyrallis.parse(config_class=config_class, config_path=config_path, args=rest)
         except SystemExit:
@@ -299,6 +323,8 @@ def parse_config(config_class: type, own_sections: Tuple[str, ...], argv: Option
                 value, name, kind = field.groups()
                 raise UserError(f"{name} = {value} is not a valid {kind}") from None
             raise UserError(f"bad configuration: {message.strip().splitlines()[-1].strip()}") from None
+        finally:
+            inspect.getsource = getsource
 
 
 def check_range(
@@ -1232,7 +1258,7 @@ class TransitionDiffusion:
             with torch.no_grad():
                 for ema_param, param in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                     ema_param.lerp_(param, 1.0 - config.ema_decay)
-        return float(loss)
+        return float(loss.detach())
 
     def sampler_levels(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(sigma_i for i = 0..N with sigma_N = 0, and the churned levels sigma_hat_i for i < N)."""

@@ -20,6 +20,7 @@ def load_algorithm(name: str) -> ModuleType:
     """Imports algorithms/<name>.py as a module (the files are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"algorithm_{name}", ROOT / "algorithms" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # so that inspect and pickle find it
     spec.loader.exec_module(module)
     return module
 
@@ -32,6 +33,16 @@ def iql() -> ModuleType:
 @pytest.fixture(scope="session")
 def calql() -> ModuleType:
     return load_algorithm("calql")
+
+
+@pytest.fixture(scope="session")
+def iql_edis() -> ModuleType:
+    return load_algorithm("iql_edis")
+
+
+@pytest.fixture(scope="session")
+def calql_edis() -> ModuleType:
+    return load_algorithm("calql_edis")
 
 
 @pytest.fixture(autouse=True)

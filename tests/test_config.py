@@ -1,7 +1,8 @@
 """Config files and command line: --config, per-algorithm sections, overrides, unknown keys, --help."""
 
+import inspect
 import re
-from dataclasses import fields
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,19 @@ def test_config_flag_and_pyrallis_alias(iql, config_file, flag):
     assert config.eval_freq == 3
 
 
+def test_edis_scripts_layer_their_sections(iql_edis, calql_edis):
+    path = ROOT / "configs" / "mujoco" / "hopper-medium-replay.yaml"
+    iql_config = iql_edis.parse_config(iql_edis.TrainConfig, iql_edis.CONFIG_SECTIONS, ["--config", str(path)])
+    calql_config = calql_edis.parse_config(calql_edis.TrainConfig, calql_edis.CONFIG_SECTIONS, ["--config", str(path)])
+    # edis: gives the Cal-QL-EDIS per-task values; iql_edis: overrides some of them key by key.
+    assert (iql_config.beta, iql_config.iql_tau, iql_config.online_iterations) == (10.0, 0.7, 200_000)
+    edis = iql_config.edis
+    assert (edis.mix_ratio, edis.guidance_state, edis.guidance_policy) == (0.5, 2.0, 0.1)
+    assert (calql_config.offline_iterations, calql_config.cql_alpha) == (300_000, 10.0)
+    edis = calql_config.edis
+    assert (edis.mix_ratio, edis.guidance_state, edis.guidance_policy) == (0.5, 1.0, 0.2)
+
+
 def test_each_script_reads_its_own_section(iql, calql, config_file):
     iql_config = iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS, ["--config", str(config_file)])
     calql_config = calql.parse_config(calql.TrainConfig, calql.CONFIG_SECTIONS, ["--config", str(config_file)])
@@ -48,6 +62,12 @@ def test_command_line_overrides_file(iql, config_file):
     config = iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS,
                               ["--config", str(config_file), "--beta", "1.5", "--seed", "3", "--device", "cpu"])
     assert (config.beta, config.seed, config.device, config.batch_size) == (1.5, 3, "cpu", 32)
+
+
+def test_string_values_stay_strings(iql):
+    # pyrallis reads values as YAML: unquoted, `off` would become False and `null` None.
+    config = iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS, ["--name", "off", "--env=null"])
+    assert (config.name, config.env) == ("off", "null")
 
 
 def test_unknown_top_level_key_names_key_and_file(iql, tmp_path):
@@ -74,8 +94,8 @@ def test_unreadable_config_file(iql, tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.stem)
-def test_every_shipped_config_parses_for_every_algorithm(path, iql, calql):
-    for module in (iql, calql):
+def test_every_shipped_config_parses_for_every_algorithm(path, iql, calql, iql_edis, calql_edis):
+    for module in (iql, calql, iql_edis, calql_edis):
         config = module.parse_config(module.TrainConfig, module.CONFIG_SECTIONS, ["--config", str(path)])
         module.validate_config(config)
 
@@ -92,15 +112,25 @@ def test_shipped_configs_cover_the_paper_and_corl_datasets():
     assert expected <= names
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def documented_fields(cls, prefix=""):
+    """(option, comment) of every field of a config dataclass, nested dataclasses as --section.field."""
+    source = inspect.getsource(cls)
+    for field in fields(cls):
+        default = field.default_factory() if field.default_factory is not MISSING else field.default
+        if is_dataclass(default):
+            yield from documented_fields(type(default), f"{prefix}{field.name}.")
+            continue
+        comment = re.search(rf"^    {field.name}: [^#\n]*# (.+)$", source, re.M)
+        assert comment, f"{prefix}{field.name} has no comment"
+        yield f"--{prefix}{field.name}", " ".join(comment.group(1).split())
+
+
+@pytest.mark.parametrize("algorithm", [*ALGORITHMS, "iql_edis", "calql_edis"])
 def test_help_lists_every_field_with_its_comment(algorithm, request):
     module = request.getfixturevalue(algorithm)
     result = run_script(algorithm, "--help", timeout=120)
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
-    source = (ROOT / "algorithms" / f"{algorithm}.py").read_text()
-    for field in fields(module.TrainConfig):
-        assert f"--{field.name} " in text, field.name
-        comment = re.search(rf"^    {field.name}: [^#\n]*# (.+)$", source, re.M)
-        assert comment, f"{field.name} has no comment"
-        assert " ".join(comment.group(1).split())[:30] in text, field.name
+    for option, comment in documented_fields(module.TrainConfig):
+        assert f"{option} " in text, option
+        assert comment[:30] in text, option

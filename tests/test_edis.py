@@ -1,0 +1,176 @@
+"""EDIS: the diffusion model, the energies, the guided sampler, and short runs of both EDIS files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_algorithm, run_script
+
+EDIS_FILES = ("iql_edis", "calql_edis")
+
+
+@pytest.fixture(scope="module")
+def edis():
+    return load_algorithm("iql_edis")
+
+
+def small_config(edis, **overrides):
+    settings = dict(width=128, blocks=2, time_embedding_dim=32, sample_steps=32, sample_batch_size=4000, lr=1e-3,
+                    negative_pool=1024, energy_epochs=30)
+    settings.update(overrides)
+    return edis.EDISConfig(**settings)
+
+
+def two_mode_transitions(n: int) -> torch.Tensor:
+    """Transitions whose 2-D state comes from two Gaussians at x = -2 and x = +2 (std 0.3)."""
+    mode = torch.randint(0, 2, (n,)) * 2 - 1
+    states = torch.stack([mode * 2.0, torch.zeros(n)], 1) + 0.3 * torch.randn(n, 2)
+    return torch.cat([states, torch.randn(n, 1), torch.randn(n, 1), torch.randn(n, 2)], 1)
+
+
+def test_guidance_moves_samples_to_the_positive_mode(edis):
+    """Positives come from one mode only; guided samples must land there far more often than unguided ones."""
+    torch.manual_seed(0)
+    config = small_config(edis, guidance_state=2.0, guidance_policy=0.0, guidance_transition=0.0)
+    layout = edis.TransitionLayout(2, 1, False)
+    data = two_mode_transitions(8000)
+    diffusion = edis.TransitionDiffusion(layout.dim, config, torch.device("cpu"))
+    diffusion.fit(data, 2000)
+    positives = diffusion.normalize(data[data[:, 0] > 0][:2000])
+    energies = edis.TransitionEnergies(layout, config, torch.device("cpu"))
+    with torch.no_grad():
+        _, trajectory = diffusion.sample(config.negative_pool, record=True)
+    energies.train(positives, positives, trajectory, diffusion.guidance_levels(), config.energy_epochs)
+    guided, _ = diffusion.sample(2000, guidance=energies.guidance)
+    with torch.no_grad():
+        unguided, _ = diffusion.sample(2000)
+    guided_share = (guided[:, 0] > 0).float().mean().item()
+    unguided_share = (unguided[:, 0] > 0).float().mean().item()
+    assert 0.35 < unguided_share < 0.65, unguided_share  # the model learnt both modes
+    assert guided_share > 0.8, (guided_share, unguided_share)  # measured: 0.986 against 0.524
+
+
+def test_each_energy_guides_only_its_block(edis):
+    torch.manual_seed(0)
+    layout = edis.TransitionLayout(3, 2, True)  # s: 0-2, a: 3-4, (r, s', done): 5-9
+    blocks = {"state": slice(0, 3), "policy": slice(3, 5), "transition": slice(5, 10)}
+    x, sigma = torch.randn(64, layout.dim), torch.full((64,), 0.7)
+    single = {}
+    for name in blocks:
+        scales = {f"guidance_{other}": float(other == name) for other in blocks}
+        energies = edis.TransitionEnergies(layout, small_config(edis, **scales), torch.device("cpu"))
+        assert energies.active == [name]
+        gradient = energies.guidance(x, sigma)
+        inside = torch.zeros(layout.dim, dtype=torch.bool)
+        inside[blocks[name]] = True
+        assert gradient[:, inside].abs().sum() > 0
+        assert torch.all(gradient[:, ~inside] == 0), name
+        single[name] = (energies.networks[name], gradient)
+    # All three at once (one backward pass) equals the sum of the three masked gradients, scaled.
+    scales = {"guidance_state": 2.0, "guidance_policy": 0.5, "guidance_transition": 0.25}
+    together = edis.TransitionEnergies(layout, small_config(edis, **scales), torch.device("cpu"))
+    for name in blocks:
+        together.networks[name].load_state_dict(single[name][0].state_dict())
+    expected = 2.0 * single["state"][1] + 0.5 * single["policy"][1] + 0.25 * single["transition"][1]
+    torch.testing.assert_close(together.guidance(x, sigma), expected)
+
+
+def test_no_guidance_is_plain_sampling(edis):
+    config = small_config(edis, guidance_state=0.0, guidance_policy=0.0, guidance_transition=0.0)
+    energies = edis.TransitionEnergies(edis.TransitionLayout(2, 1, False), config, torch.device("cpu"))
+    assert energies.active == [] and energies.networks == {}
+    x = torch.randn(5, 6)
+    assert torch.equal(energies.guidance(x, torch.ones(5)), torch.zeros_like(x))
+
+
+def test_guidance_is_queried_only_at_the_levels_energies_are_trained_at(edis):
+    torch.manual_seed(0)
+    config = small_config(edis, sample_steps=16)
+    diffusion = edis.TransitionDiffusion(6, config, torch.device("cpu"))
+    seen = []
+
+    def recording_guidance(x, sigma):
+        seen.append(float(sigma[0]))
+        return torch.zeros_like(x)
+
+    diffusion.sample(10, guidance=recording_guidance)
+    levels = diffusion.guidance_levels()
+    assert seen == levels.tolist()
+    _, trajectory = diffusion.sample(7, record=True)
+    assert trajectory.shape == (len(levels), 7, 6)  # negatives at every one of those levels
+
+
+def test_unguided_sampler_reproduces_a_gaussian(edis):
+    torch.manual_seed(0)
+    mean = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0, -1.0])
+    factor = torch.tensor([[1.0, 0, 0, 0, 0, 0], [0.8, 0.6, 0, 0, 0, 0], [0, 0, 0.5, 0, 0, 0],
+                           [0, 0, 0.3, 2.0, 0, 0], [0, 0, 0, 0, 1.0, 0], [-0.5, 0, 0, 0, 0, 0.7]])
+    data = mean + torch.randn(10_000, 6) @ factor.T
+    diffusion = edis.TransitionDiffusion(6, small_config(edis), torch.device("cpu"))
+    diffusion.fit(data, 2000)
+    with torch.no_grad():
+        samples, _ = diffusion.sample(4000)
+    scale = data.std(0)
+    assert torch.all((samples.mean(0) - mean).abs() < 0.15 * scale), samples.mean(0)
+    covariance = torch.cov(samples.T) / torch.outer(scale, scale)
+    target = torch.cov(data.T) / torch.outer(scale, scale)
+    variance_ratio = covariance.diagonal() / target.diagonal()
+    assert torch.all((variance_ratio - 1).abs() < 0.2), variance_ratio  # measured: within 0.16
+    off_diagonal = ~torch.eye(6, dtype=torch.bool)
+    assert (covariance - target)[off_diagonal].abs().max() < 0.1, covariance - target  # measured: 0.06
+
+
+TINY_EDIS = ["--offline_iterations", "60", "--online_iterations", "120", "--eval_freq", "60", "--n_episodes", "1",
+             "--batch_size", "32", "--wandb_mode", "disabled", "--device", "cpu", "--edis.refresh_every", "60",
+             "--edis.initial_fit_steps", "50", "--edis.refresh_fit_steps", "20", "--edis.width", "64",
+             "--edis.blocks", "2", "--edis.time_embedding_dim", "16", "--edis.sample_steps", "8",
+             "--edis.num_samples", "300", "--edis.negative_pool", "200", "--edis.energy_epochs", "2",
+             "--edis.positive_buffer_size", "100", "--edis.metric_samples", "100", "--edis.energy_hidden", "32"]
+
+
+@pytest.mark.parametrize("algorithm", EDIS_FILES)
+def test_edis_run_logs_alignment_guided_and_unguided(algorithm, tmp_path):
+    result = run_script(algorithm, "--dataset", "random:Hopper-v5:1000", *TINY_EDIS, "--log_dir", str(tmp_path),
+                        "--name", "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["algorithm"] == algorithm and summary["edis_refreshes"] == 3  # online start + 2 refreshes
+    assert np.isfinite(summary["online"]["final_normalized_score"])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    refreshes = [r for r in records if "edis/state_mmd_guided" in r]
+    assert [r["env_steps"] for r in refreshes] == [60, 120]
+    for record in refreshes:
+        for kind in ("guided", "unguided"):
+            for metric in ("state_mmd", "policy_loglik", "dynamics_state_mse", "dynamics_reward_mae"):
+                assert np.isfinite(record[f"edis/{metric}_{kind}"]), (metric, kind)
+        assert np.isfinite(record["edis/state_mmd_offline"])
+        for part in ("diffusion", "energy", "sampling"):
+            assert record[f"edis/time_{part}_s"] > 0
+        assert {"edis/energy_loss_state", "edis/energy_loss_policy", "edis/energy_loss_transition"} <= set(record)
+        assert record["edis/generated"] == 300
+
+
+def test_edis_without_guidance_is_unguided_replay(edis, tmp_path):
+    """All three scales at 0: the SynthER-style ablation; no energy is trained."""
+    code = edis.main(["--dataset", "random:Hopper-v5:1000", *TINY_EDIS, "--log_dir", str(tmp_path), "--name", "off",
+                      "--edis.guidance_state", "0", "--edis.guidance_policy", "0", "--edis.guidance_transition", "0"])
+    assert code == 0
+    records = [json.loads(line) for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
+    refreshes = [r for r in records if "edis/generated" in r]
+    assert refreshes and not any(key.startswith("edis/energy_loss") for r in refreshes for key in r)
+
+
+def test_edis_section_and_dotted_overrides(edis, tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text("dataset: random:Hopper-v5:100\niql:\n  beta: 7.0\nedis:\n  mix_ratio: 0.3\n  width: 64\n"
+                    "calql:\n  cql_alpha: 1.0\n")
+    config = edis.parse_config(edis.TrainConfig, edis.CONFIG_SECTIONS, ["--config", str(path), "--edis.width", "32"])
+    assert (config.beta, config.edis.mix_ratio, config.edis.width) == (7.0, 0.3, 32)
+    path.write_text("edis:\n  mix_ratoi: 0.3\n")
+    with pytest.raises(edis.UserError, match="unknown key 'edis.mix_ratoi'"):
+        edis.parse_config(edis.TrainConfig, edis.CONFIG_SECTIONS, ["--config", str(path)])
+    with pytest.raises(edis.UserError, match="edis.mix_ratio = 1.5 is outside"):
+        edis.validate_config(edis.parse_config(edis.TrainConfig, edis.CONFIG_SECTIONS, ["--edis.mix_ratio", "1.5"]))
+    with pytest.raises(edis.UserError, match="unknown option --edis.nothing"):
+        edis.parse_config(edis.TrainConfig, edis.CONFIG_SECTIONS, ["--edis.nothing", "1"])
