@@ -3,7 +3,7 @@
 Run locally, one run after another (a run whose summary.json exists is skipped, so a dead
 sweep resumes where it stopped):
 
-    python benchmarks/table.py run --algorithms iql calql --configs configs/adroit/pen-cloned.yaml --seeds 0 1 2 3
+    python benchmarks/table.py run --algorithms iql iql_edis --configs configs/adroit/pen-cloned.yaml --seeds 0 1 2 3
 
 On a cluster, write the same runs as one command per line, or as a SLURM array job:
 
@@ -181,7 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands_parser = parser.add_subparsers(dest="command", required=True)
     run_parser = commands_parser.add_parser("run", help="run (or print) algorithms x configs x seeds")
-    run_parser.add_argument("--algorithms", nargs="+", default=["iql", "calql"])
+    run_parser.add_argument("--algorithms", nargs="+", default=["iql", "calql", "iql_edis", "calql_edis"])
     run_parser.add_argument("--configs", nargs="+", default=["configs/local/hopper-random.yaml"])
     run_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     run_parser.add_argument("--log-dir", default="runs/table")

@@ -25,14 +25,15 @@ def test_table_prints_one_command_per_run():
                              "configs/adroit/pen-cloned.yaml", "--seeds", "0", "1", "--print-commands", "--",
                              "--device", "cuda"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 4  # 2 algorithms x 2 seeds
+    assert len(lines) == 8  # 4 algorithms x 2 seeds
     assert lines[0] == ("python algorithms/iql.py --config configs/adroit/pen-cloned.yaml --seed 0 "
                         "--name iql--adroit__pen-cloned--seed0 --log_dir runs/table --device cuda")
 
 
 def test_speed_script_measures_each_algorithm():
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--updates", "3", "--repeats",
-                             "1", "--batch-size", "16", "--envs"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--updates", "4", "--repeats",
+                             "1", "--batch-size", "16", "--envs", "--denoisers", "32x1"], capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("| iql ", "| calql "))]
-    assert len(rows) == 2 and all(float(row.split("|")[2]) > 0 for row in rows)
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| iql ", "| calql ", "| 32x1 "))]
+    assert len(rows) == 4 and all(float(row.split("|")[-2]) > 0 for row in rows)  # 2 agents, fp32 and bf16

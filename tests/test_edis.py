@@ -7,8 +7,6 @@ import pytest
 import torch
 from conftest import load_algorithm, run_script
 
-EDIS_FILES = ("iql_edis", "calql_edis")
-
 
 @pytest.fixture(scope="module")
 def edis():
@@ -129,10 +127,13 @@ TINY_EDIS = ["--offline_iterations", "60", "--online_iterations", "120", "--eval
              "--edis.positive_buffer_size", "100", "--edis.metric_samples", "100", "--edis.energy_hidden", "32"]
 
 
-@pytest.mark.parametrize("algorithm", EDIS_FILES)
-def test_edis_run_logs_alignment_guided_and_unguided(algorithm, tmp_path):
-    result = run_script(algorithm, "--dataset", "random:Hopper-v5:1000", *TINY_EDIS, "--log_dir", str(tmp_path),
-                        "--name", "run")
+@pytest.mark.parametrize("algorithm, options", [
+    ("iql_edis", []),
+    ("calql_edis", ["--edis.include_terminal", "true", "--edis.retrain_from_scratch", "true"]),
+])
+def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, tmp_path):
+    result = run_script(algorithm, "--dataset", "random:Hopper-v5:1000", *TINY_EDIS, *options, "--log_dir",
+                        str(tmp_path), "--name", "run")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["algorithm"] == algorithm and summary["edis_refreshes"] == 3  # online start + 2 refreshes
