@@ -863,7 +863,7 @@ def transition_columns(data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
             "next_states": data["next_observations"], "dones": data["terminals"][:, None]}
 # ==== END SHARED: replay buffer ====
 
-# ==== BEGIN SHARED: Cal-QL returns-to-go, networks and agent ====
+# ==== BEGIN SHARED: Cal-QL returns-to-go and networks ====
 # ---------------------------------------------------------------------------------------------
 # Cal-QL: Monte-Carlo returns-to-go of the offline data (the calibration bound)
 # ---------------------------------------------------------------------------------------------
@@ -973,8 +973,10 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     with torch.no_grad():
         for target_param, source_param in zip(target.parameters(), source.parameters(), strict=True):
             target_param.lerp_(source_param, tau)
+# ==== END SHARED: Cal-QL returns-to-go and networks ====
 
 
+# ==== BEGIN SHARED: Cal-QL agent ====
 # ---------------------------------------------------------------------------------------------
 # Agent
 # ---------------------------------------------------------------------------------------------
@@ -1144,7 +1146,7 @@ class CalQL:
                 setattr(self, name, value)
             else:
                 getattr(self, name).load_state_dict(value)
-# ==== END SHARED: Cal-QL returns-to-go, networks and agent ====
+# ==== END SHARED: Cal-QL agent ====
 
 
 # ==== BEGIN SHARED: evaluation ====

@@ -935,7 +935,7 @@ def transition_columns(data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
             "next_states": data["next_observations"], "dones": data["terminals"][:, None]}
 # ==== END SHARED: replay buffer ====
 
-# ==== BEGIN SHARED: Cal-QL returns-to-go, networks and agent ====
+# ==== BEGIN SHARED: Cal-QL returns-to-go and networks ====
 # ---------------------------------------------------------------------------------------------
 # Cal-QL: Monte-Carlo returns-to-go of the offline data (the calibration bound)
 # ---------------------------------------------------------------------------------------------
@@ -1045,178 +1045,7 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     with torch.no_grad():
         for target_param, source_param in zip(target.parameters(), source.parameters(), strict=True):
             target_param.lerp_(source_param, tau)
-
-
-# ---------------------------------------------------------------------------------------------
-# Agent
-# ---------------------------------------------------------------------------------------------
-class CalQL:
-    def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
-                 device: torch.device):
-        self.config, self.device, self.max_action = config, device, max_action
-        self.actor = TanhGaussianPolicy(state_dim, action_dim, max_action, config.orthogonal_init).to(device)
-        self.critic_1 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
-                                                config.q_n_hidden_layers).to(device)
-        self.critic_2 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
-                                                config.q_n_hidden_layers).to(device)
-        self.target_critic_1 = copy.deepcopy(self.critic_1).requires_grad_(False)
-        self.target_critic_2 = copy.deepcopy(self.critic_2).requires_grad_(False)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), config.policy_lr)
-        self.critic_optimizer = torch.optim.Adam([*self.critic_1.parameters(), *self.critic_2.parameters()],
-                                                 config.qf_lr)
-        self.log_alpha = Scalar(0.0).to(device)
-        self.alpha_optimizer = torch.optim.Adam(self.log_alpha.parameters(), config.policy_lr)
-        self.log_alpha_prime = Scalar(1.0).to(device)
-        self.alpha_prime_optimizer = torch.optim.Adam(self.log_alpha_prime.parameters(), config.qf_lr)
-        self.target_entropy = -float(action_dim)
-        self.cql_alpha = config.cql_alpha
-        self.calibration_enabled = True
-        self.total_it = 0
-
-    def start_online(self) -> None:
-        """As CORL: online, calibration is off and the regulariser takes cql_alpha_online."""
-        self.calibration_enabled = False
-        self.cql_alpha = self.config.cql_alpha_online
-
-    def _q_loss(self, batch: Dict[str, torch.Tensor], alpha: torch.Tensor,
-                log: Dict[str, torch.Tensor]) -> torch.Tensor:
-        config = self.config
-        states, actions, next_states = batch["states"], batch["actions"], batch["next_states"]
-        rewards, dones = batch["rewards"].squeeze(-1), batch["dones"].squeeze(-1)
-        q1_predicted, q2_predicted = self.critic_1(states, actions), self.critic_2(states, actions)
-
-        with torch.no_grad():
-            if config.cql_max_target_backup:
-                next_actions, next_log_pi = self.actor(next_states, repeat=config.cql_n_actions)
-                target_q = torch.min(self.target_critic_1(next_states, next_actions),
-                                     self.target_critic_2(next_states, next_actions))
-                target_q, best = target_q.max(-1)
-                next_log_pi = next_log_pi.gather(-1, best.unsqueeze(-1)).squeeze(-1)
-            else:
-                next_actions, next_log_pi = self.actor(next_states)
-                target_q = torch.min(self.target_critic_1(next_states, next_actions),
-                                     self.target_critic_2(next_states, next_actions))
-            if config.backup_entropy:
-                target_q = target_q - alpha * next_log_pi
-            td_target = rewards + (1.0 - dones) * config.discount * target_q
-        qf1_loss, qf2_loss = F.mse_loss(q1_predicted, td_target), F.mse_loss(q2_predicted, td_target)
-
-        # CQL regulariser: log-sum-exp of Q over random, current-policy and next-state-policy actions.
-        batch_size, action_dim, n = actions.shape[0], actions.shape[-1], config.cql_n_actions
-        random_actions = actions.new_empty((batch_size, n, action_dim)).uniform_(-1, 1)
-        with torch.no_grad():
-            current_actions, current_log_pis = self.actor(states, repeat=n)
-            next_actions, next_log_pis = self.actor(next_states, repeat=n)
-        q1_rand, q2_rand = self.critic_1(states, random_actions), self.critic_2(states, random_actions)
-        q1_current, q2_current = self.critic_1(states, current_actions), self.critic_2(states, current_actions)
-        q1_next, q2_next = self.critic_1(states, next_actions), self.critic_2(states, next_actions)
-
-        # Cal-QL: Q-values of policy actions are bounded below by the Monte-Carlo return-to-go.
-        lower_bounds = batch["mc_returns"].expand(-1, n)
-        log["bound_rate_cql_q1_current_actions"] = (q1_current < lower_bounds).float().mean().detach()
-        if self.calibration_enabled:
-            q1_current, q2_current = torch.maximum(q1_current, lower_bounds), torch.maximum(q2_current, lower_bounds)
-            q1_next, q2_next = torch.maximum(q1_next, lower_bounds), torch.maximum(q2_next, lower_bounds)
-
-        if config.cql_importance_sample:
-            random_density = math.log(0.5**action_dim)
-            cat_q1 = torch.cat([q1_rand - random_density, q1_next - next_log_pis, q1_current - current_log_pis], 1)
-            cat_q2 = torch.cat([q2_rand - random_density, q2_next - next_log_pis, q2_current - current_log_pis], 1)
-        else:
-            cat_q1 = torch.cat([q1_rand, q1_predicted.unsqueeze(1), q1_next, q1_current], 1)
-            cat_q2 = torch.cat([q2_rand, q2_predicted.unsqueeze(1), q2_next, q2_current], 1)
-        qf1_ood = torch.logsumexp(cat_q1 / config.cql_temp, dim=1) * config.cql_temp
-        qf2_ood = torch.logsumexp(cat_q2 / config.cql_temp, dim=1) * config.cql_temp
-        qf1_diff = (qf1_ood - q1_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
-        qf2_diff = (qf2_ood - q2_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
-
-        if config.cql_lagrange:
-            alpha_prime = self.log_alpha_prime().exp().clamp(0.0, 1e6)
-            gaps = (qf1_diff.detach() - config.cql_target_action_gap, qf2_diff.detach() - config.cql_target_action_gap)
-            alpha_prime_loss = -0.5 * alpha_prime * self.cql_alpha * (gaps[0] + gaps[1])
-            self.alpha_prime_optimizer.zero_grad(set_to_none=True)
-            alpha_prime_loss.backward()
-            self.alpha_prime_optimizer.step()
-            alpha_prime = alpha_prime.detach()
-            cql_loss_1 = alpha_prime * self.cql_alpha * (qf1_diff - config.cql_target_action_gap)
-            cql_loss_2 = alpha_prime * self.cql_alpha * (qf2_diff - config.cql_target_action_gap)
-            log["alpha_prime"] = alpha_prime
-        else:
-            cql_loss_1, cql_loss_2 = qf1_diff * self.cql_alpha, qf2_diff * self.cql_alpha
-        log.update(qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), cql_min_qf1_loss=cql_loss_1.detach(),
-                   cql_min_qf2_loss=cql_loss_2.detach(), average_qf1=q1_predicted.detach().mean(),
-                   average_target_q=target_q.mean(), cql_q1_rand=q1_rand.detach().mean(),
-                   cql_q1_current_actions=q1_current.detach().mean(), cql_q1_next_actions=q1_next.detach().mean())
-        return qf1_loss + qf2_loss + cql_loss_1 + cql_loss_2
-
-    def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """One Cal-QL step: temperature, actor (SAC), then critics (TD + calibrated CQL)."""
-        self.total_it += 1
-        config = self.config
-        states = batch["states"]
-        new_actions, log_pi = self.actor(states)
-        if config.use_automatic_entropy_tuning:
-            alpha_loss = -(self.log_alpha() * (log_pi + self.target_entropy).detach()).mean()
-            alpha = self.log_alpha().exp() * config.alpha_multiplier
-        else:
-            alpha_loss = states.new_tensor(0.0)
-            alpha = states.new_tensor(config.alpha_multiplier)
-
-        if self.total_it <= config.bc_steps:
-            policy_loss = (alpha.detach() * log_pi - self.actor.log_prob(states, batch["actions"])).mean()
-        else:
-            q_new_actions = torch.min(self.critic_1(states, new_actions), self.critic_2(states, new_actions))
-            policy_loss = (alpha.detach() * log_pi - q_new_actions).mean()
-
-        log: Dict[str, torch.Tensor] = {"policy_loss": policy_loss.detach(), "alpha_loss": alpha_loss.detach(),
-                                        "alpha": alpha.detach(), "log_pi": log_pi.detach().mean()}
-        qf_loss = self._q_loss(batch, alpha.detach(), log)
-
-        if config.use_automatic_entropy_tuning:
-            self.alpha_optimizer.zero_grad(set_to_none=True)
-            alpha_loss.backward()
-            self.alpha_optimizer.step()
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        policy_loss.backward()
-        self.actor_optimizer.step()
-        self.critic_optimizer.zero_grad(set_to_none=True)  # also drops what policy_loss left in the critics
-        qf_loss.backward()
-        self.critic_optimizer.step()
-        if self.total_it % config.target_update_period == 0:
-            soft_update(self.target_critic_1, self.critic_1, config.soft_target_update_rate)
-            soft_update(self.target_critic_2, self.critic_2, config.soft_target_update_rate)
-        return log
-
-    @torch.no_grad()
-    def act(self, state: np.ndarray, explore: bool) -> np.ndarray:
-        """Evaluation: tanh of the mean. Exploration: a sample of the policy."""
-        states = torch.as_tensor(state, dtype=torch.float32, device=self.device)[None]
-        action, _ = self.actor(states, deterministic=not explore)
-        return action[0].cpu().numpy()
-
-    @torch.no_grad()
-    def sample_actions(self, states: torch.Tensor) -> torch.Tensor:
-        """A batch of exploration actions of the current policy (EDIS's policy-energy positives)."""
-        return self.actor(states)[0]
-
-    @torch.no_grad()
-    def policy_log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> Optional[torch.Tensor]:
-        """log pi(a|s) per row of the tanh-Gaussian policy."""
-        return self.actor.log_prob(states, actions)
-
-    def state_dict(self) -> Dict[str, Any]:
-        names = ("actor", "critic_1", "critic_2", "target_critic_1", "target_critic_2", "log_alpha",
-                 "log_alpha_prime", "actor_optimizer", "critic_optimizer", "alpha_optimizer", "alpha_prime_optimizer")
-        return {**{name: getattr(self, name).state_dict() for name in names}, "total_it": self.total_it,
-                "cql_alpha": self.cql_alpha, "calibration_enabled": self.calibration_enabled}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for name, value in state.items():
-            if name in ("total_it", "cql_alpha", "calibration_enabled"):
-                setattr(self, name, value)
-            else:
-                getattr(self, name).load_state_dict(value)
-# ==== END SHARED: Cal-QL returns-to-go, networks and agent ====
+# ==== END SHARED: Cal-QL returns-to-go and networks ====
 
 
 # ==== BEGIN SHARED: EDIS diffusion model ====
@@ -1521,6 +1350,179 @@ class TransitionEnergies:
             (gradient,) = torch.autograd.grad(total, x)
         return gradient
 # ==== END SHARED: EDIS energies and guidance ====
+
+
+# ==== BEGIN SHARED: Cal-QL agent ====
+# ---------------------------------------------------------------------------------------------
+# Agent
+# ---------------------------------------------------------------------------------------------
+class CalQL:
+    def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
+                 device: torch.device):
+        self.config, self.device, self.max_action = config, device, max_action
+        self.actor = TanhGaussianPolicy(state_dim, action_dim, max_action, config.orthogonal_init).to(device)
+        self.critic_1 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
+                                                config.q_n_hidden_layers).to(device)
+        self.critic_2 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
+                                                config.q_n_hidden_layers).to(device)
+        self.target_critic_1 = copy.deepcopy(self.critic_1).requires_grad_(False)
+        self.target_critic_2 = copy.deepcopy(self.critic_2).requires_grad_(False)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), config.policy_lr)
+        self.critic_optimizer = torch.optim.Adam([*self.critic_1.parameters(), *self.critic_2.parameters()],
+                                                 config.qf_lr)
+        self.log_alpha = Scalar(0.0).to(device)
+        self.alpha_optimizer = torch.optim.Adam(self.log_alpha.parameters(), config.policy_lr)
+        self.log_alpha_prime = Scalar(1.0).to(device)
+        self.alpha_prime_optimizer = torch.optim.Adam(self.log_alpha_prime.parameters(), config.qf_lr)
+        self.target_entropy = -float(action_dim)
+        self.cql_alpha = config.cql_alpha
+        self.calibration_enabled = True
+        self.total_it = 0
+
+    def start_online(self) -> None:
+        """As CORL: online, calibration is off and the regulariser takes cql_alpha_online."""
+        self.calibration_enabled = False
+        self.cql_alpha = self.config.cql_alpha_online
+
+    def _q_loss(self, batch: Dict[str, torch.Tensor], alpha: torch.Tensor,
+                log: Dict[str, torch.Tensor]) -> torch.Tensor:
+        config = self.config
+        states, actions, next_states = batch["states"], batch["actions"], batch["next_states"]
+        rewards, dones = batch["rewards"].squeeze(-1), batch["dones"].squeeze(-1)
+        q1_predicted, q2_predicted = self.critic_1(states, actions), self.critic_2(states, actions)
+
+        with torch.no_grad():
+            if config.cql_max_target_backup:
+                next_actions, next_log_pi = self.actor(next_states, repeat=config.cql_n_actions)
+                target_q = torch.min(self.target_critic_1(next_states, next_actions),
+                                     self.target_critic_2(next_states, next_actions))
+                target_q, best = target_q.max(-1)
+                next_log_pi = next_log_pi.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+            else:
+                next_actions, next_log_pi = self.actor(next_states)
+                target_q = torch.min(self.target_critic_1(next_states, next_actions),
+                                     self.target_critic_2(next_states, next_actions))
+            if config.backup_entropy:
+                target_q = target_q - alpha * next_log_pi
+            td_target = rewards + (1.0 - dones) * config.discount * target_q
+        qf1_loss, qf2_loss = F.mse_loss(q1_predicted, td_target), F.mse_loss(q2_predicted, td_target)
+
+        # CQL regulariser: log-sum-exp of Q over random, current-policy and next-state-policy actions.
+        batch_size, action_dim, n = actions.shape[0], actions.shape[-1], config.cql_n_actions
+        random_actions = actions.new_empty((batch_size, n, action_dim)).uniform_(-1, 1)
+        with torch.no_grad():
+            current_actions, current_log_pis = self.actor(states, repeat=n)
+            next_actions, next_log_pis = self.actor(next_states, repeat=n)
+        q1_rand, q2_rand = self.critic_1(states, random_actions), self.critic_2(states, random_actions)
+        q1_current, q2_current = self.critic_1(states, current_actions), self.critic_2(states, current_actions)
+        q1_next, q2_next = self.critic_1(states, next_actions), self.critic_2(states, next_actions)
+
+        # Cal-QL: Q-values of policy actions are bounded below by the Monte-Carlo return-to-go.
+        lower_bounds = batch["mc_returns"].expand(-1, n)
+        log["bound_rate_cql_q1_current_actions"] = (q1_current < lower_bounds).float().mean().detach()
+        if self.calibration_enabled:
+            q1_current, q2_current = torch.maximum(q1_current, lower_bounds), torch.maximum(q2_current, lower_bounds)
+            q1_next, q2_next = torch.maximum(q1_next, lower_bounds), torch.maximum(q2_next, lower_bounds)
+
+        if config.cql_importance_sample:
+            random_density = math.log(0.5**action_dim)
+            cat_q1 = torch.cat([q1_rand - random_density, q1_next - next_log_pis, q1_current - current_log_pis], 1)
+            cat_q2 = torch.cat([q2_rand - random_density, q2_next - next_log_pis, q2_current - current_log_pis], 1)
+        else:
+            cat_q1 = torch.cat([q1_rand, q1_predicted.unsqueeze(1), q1_next, q1_current], 1)
+            cat_q2 = torch.cat([q2_rand, q2_predicted.unsqueeze(1), q2_next, q2_current], 1)
+        qf1_ood = torch.logsumexp(cat_q1 / config.cql_temp, dim=1) * config.cql_temp
+        qf2_ood = torch.logsumexp(cat_q2 / config.cql_temp, dim=1) * config.cql_temp
+        qf1_diff = (qf1_ood - q1_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
+        qf2_diff = (qf2_ood - q2_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
+
+        if config.cql_lagrange:
+            alpha_prime = self.log_alpha_prime().exp().clamp(0.0, 1e6)
+            gaps = (qf1_diff.detach() - config.cql_target_action_gap, qf2_diff.detach() - config.cql_target_action_gap)
+            alpha_prime_loss = -0.5 * alpha_prime * self.cql_alpha * (gaps[0] + gaps[1])
+            self.alpha_prime_optimizer.zero_grad(set_to_none=True)
+            alpha_prime_loss.backward()
+            self.alpha_prime_optimizer.step()
+            alpha_prime = alpha_prime.detach()
+            cql_loss_1 = alpha_prime * self.cql_alpha * (qf1_diff - config.cql_target_action_gap)
+            cql_loss_2 = alpha_prime * self.cql_alpha * (qf2_diff - config.cql_target_action_gap)
+            log["alpha_prime"] = alpha_prime
+        else:
+            cql_loss_1, cql_loss_2 = qf1_diff * self.cql_alpha, qf2_diff * self.cql_alpha
+        log.update(qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), cql_min_qf1_loss=cql_loss_1.detach(),
+                   cql_min_qf2_loss=cql_loss_2.detach(), average_qf1=q1_predicted.detach().mean(),
+                   average_target_q=target_q.mean(), cql_q1_rand=q1_rand.detach().mean(),
+                   cql_q1_current_actions=q1_current.detach().mean(), cql_q1_next_actions=q1_next.detach().mean())
+        return qf1_loss + qf2_loss + cql_loss_1 + cql_loss_2
+
+    def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One Cal-QL step: temperature, actor (SAC), then critics (TD + calibrated CQL)."""
+        self.total_it += 1
+        config = self.config
+        states = batch["states"]
+        new_actions, log_pi = self.actor(states)
+        if config.use_automatic_entropy_tuning:
+            alpha_loss = -(self.log_alpha() * (log_pi + self.target_entropy).detach()).mean()
+            alpha = self.log_alpha().exp() * config.alpha_multiplier
+        else:
+            alpha_loss = states.new_tensor(0.0)
+            alpha = states.new_tensor(config.alpha_multiplier)
+
+        if self.total_it <= config.bc_steps:
+            policy_loss = (alpha.detach() * log_pi - self.actor.log_prob(states, batch["actions"])).mean()
+        else:
+            q_new_actions = torch.min(self.critic_1(states, new_actions), self.critic_2(states, new_actions))
+            policy_loss = (alpha.detach() * log_pi - q_new_actions).mean()
+
+        log: Dict[str, torch.Tensor] = {"policy_loss": policy_loss.detach(), "alpha_loss": alpha_loss.detach(),
+                                        "alpha": alpha.detach(), "log_pi": log_pi.detach().mean()}
+        qf_loss = self._q_loss(batch, alpha.detach(), log)
+
+        if config.use_automatic_entropy_tuning:
+            self.alpha_optimizer.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_optimizer.step()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        policy_loss.backward()
+        self.actor_optimizer.step()
+        self.critic_optimizer.zero_grad(set_to_none=True)  # also drops what policy_loss left in the critics
+        qf_loss.backward()
+        self.critic_optimizer.step()
+        if self.total_it % config.target_update_period == 0:
+            soft_update(self.target_critic_1, self.critic_1, config.soft_target_update_rate)
+            soft_update(self.target_critic_2, self.critic_2, config.soft_target_update_rate)
+        return log
+
+    @torch.no_grad()
+    def act(self, state: np.ndarray, explore: bool) -> np.ndarray:
+        """Evaluation: tanh of the mean. Exploration: a sample of the policy."""
+        states = torch.as_tensor(state, dtype=torch.float32, device=self.device)[None]
+        action, _ = self.actor(states, deterministic=not explore)
+        return action[0].cpu().numpy()
+
+    @torch.no_grad()
+    def sample_actions(self, states: torch.Tensor) -> torch.Tensor:
+        """A batch of exploration actions of the current policy (EDIS's policy-energy positives)."""
+        return self.actor(states)[0]
+
+    @torch.no_grad()
+    def policy_log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> Optional[torch.Tensor]:
+        """log pi(a|s) per row of the tanh-Gaussian policy."""
+        return self.actor.log_prob(states, actions)
+
+    def state_dict(self) -> Dict[str, Any]:
+        names = ("actor", "critic_1", "critic_2", "target_critic_1", "target_critic_2", "log_alpha",
+                 "log_alpha_prime", "actor_optimizer", "critic_optimizer", "alpha_optimizer", "alpha_prime_optimizer")
+        return {**{name: getattr(self, name).state_dict() for name in names}, "total_it": self.total_it,
+                "cql_alpha": self.cql_alpha, "calibration_enabled": self.calibration_enabled}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for name, value in state.items():
+            if name in ("total_it", "cql_alpha", "calibration_enabled"):
+                setattr(self, name, value)
+            else:
+                getattr(self, name).load_state_dict(value)
+# ==== END SHARED: Cal-QL agent ====
 
 
 # ==== BEGIN SHARED: EDIS refresh and metrics ====

@@ -858,7 +858,7 @@ def transition_columns(data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 # ==== END SHARED: replay buffer ====
 
 
-# ==== BEGIN SHARED: IQL networks and agent ====
+# ==== BEGIN SHARED: IQL networks ====
 # ---------------------------------------------------------------------------------------------
 # Networks
 # ---------------------------------------------------------------------------------------------
@@ -939,8 +939,10 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 
 def asymmetric_l2_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.mean(torch.abs(tau - (u < 0).float()) * u**2)
+# ==== END SHARED: IQL networks ====
 
 
+# ==== BEGIN SHARED: IQL agent ====
 # ---------------------------------------------------------------------------------------------
 # Agent
 # ---------------------------------------------------------------------------------------------
@@ -1051,7 +1053,7 @@ class ImplicitQLearning:
                      "actor_lr_schedule"):
             getattr(self, name).load_state_dict(state[name])
         self.total_it = state["total_it"]
-# ==== END SHARED: IQL networks and agent ====
+# ==== END SHARED: IQL agent ====
 
 
 # ==== BEGIN SHARED: evaluation ====

@@ -930,7 +930,7 @@ def transition_columns(data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 # ==== END SHARED: replay buffer ====
 
 
-# ==== BEGIN SHARED: IQL networks and agent ====
+# ==== BEGIN SHARED: IQL networks ====
 # ---------------------------------------------------------------------------------------------
 # Networks
 # ---------------------------------------------------------------------------------------------
@@ -1011,119 +1011,7 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 
 def asymmetric_l2_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.mean(torch.abs(tau - (u < 0).float()) * u**2)
-
-
-# ---------------------------------------------------------------------------------------------
-# Agent
-# ---------------------------------------------------------------------------------------------
-class ImplicitQLearning:
-    def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
-                 device: torch.device):
-        self.config, self.device, self.max_action = config, device, max_action
-        policy_class = DeterministicPolicy if config.iql_deterministic else GaussianPolicy
-        self.actor = policy_class(state_dim, action_dim, max_action, config.hidden_dim, config.n_hidden,
-                                  config.actor_dropout).to(device)
-        self.qf = TwinQ(state_dim, action_dim, config.hidden_dim, config.n_hidden).to(device)
-        self.q_target = copy.deepcopy(self.qf).requires_grad_(False)
-        self.vf = ValueFunction(state_dim, config.hidden_dim, config.n_hidden).to(device)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
-        self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=config.qf_lr)
-        self.v_optimizer = torch.optim.Adam(self.vf.parameters(), lr=config.vf_lr)
-        # As CORL: T_max = offline_iterations, and the schedule keeps stepping online.
-        self.actor_lr_schedule = CosineAnnealingLR(self.actor_optimizer, max(config.offline_iterations, 1))
-        self.total_it = 0
-
-    def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """One IQL step: V by expectile regression, Q by TD to V, actor by advantage-weighted BC."""
-        self.total_it += 1
-        states, actions = batch["states"], batch["actions"]
-        rewards, dones = batch["rewards"].squeeze(-1), batch["dones"].squeeze(-1)
-        with torch.no_grad():
-            target_q = self.q_target(states, actions)
-            next_v = self.vf(batch["next_states"])
-
-        value = self.vf(states)
-        advantage = target_q - value
-        value_loss = asymmetric_l2_loss(advantage, self.config.iql_tau)
-        self.v_optimizer.zero_grad(set_to_none=True)
-        value_loss.backward()
-        self.v_optimizer.step()
-
-        targets = rewards + (1.0 - dones) * self.config.discount * next_v
-        q1, q2 = self.qf.both(states, actions)
-        q_loss = (F.mse_loss(q1, targets) + F.mse_loss(q2, targets)) / 2
-        self.q_optimizer.zero_grad(set_to_none=True)
-        q_loss.backward()
-        self.q_optimizer.step()
-        soft_update(self.q_target, self.qf, self.config.tau)
-
-        exp_advantage = torch.exp(self.config.beta * advantage.detach()).clamp(max=EXP_ADV_MAX)
-        unit_actions = actions / self.max_action  # the actor's outputs live in [-1, 1]
-        if isinstance(self.actor, GaussianPolicy):
-            bc_losses = -self.actor.log_prob(states, unit_actions)
-        else:
-            bc_losses = ((self.actor(states) - unit_actions) ** 2).sum(-1)
-        actor_loss = torch.mean(exp_advantage * bc_losses)
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_optimizer.step()
-        self.actor_lr_schedule.step()
-        return {"value_loss": value_loss.detach(), "q_loss": q_loss.detach(), "actor_loss": actor_loss.detach(),
-                "mean_value": value.detach().mean(), "mean_advantage": advantage.detach().mean()}
-
-    @torch.no_grad()
-    def act(self, state: np.ndarray, explore: bool) -> np.ndarray:
-        """Evaluation: the mean action, dropout off. Exploration: a Gaussian sample (or noise)."""
-        self.actor.train(explore)
-        states = torch.as_tensor(state, dtype=torch.float32, device=self.device)[None]
-        if isinstance(self.actor, GaussianPolicy):
-            distribution = self.actor(states)
-            action = distribution.sample() if explore else distribution.mean
-        else:
-            action = self.actor(states)
-            if explore:
-                noise = (torch.randn_like(action) * self.config.expl_noise).clamp(-self.config.noise_clip,
-                                                                                   self.config.noise_clip)
-                action = action + noise
-        self.actor.train()
-        action = (action * self.max_action).clamp(-self.max_action, self.max_action)
-        return action[0].cpu().numpy()
-
-    @torch.no_grad()
-    def sample_actions(self, states: torch.Tensor) -> torch.Tensor:
-        """A batch of exploration actions of the current policy (EDIS's policy-energy positives)."""
-        self.actor.eval()
-        if isinstance(self.actor, GaussianPolicy):
-            actions = self.actor(states).sample()
-        else:
-            actions = self.actor(states)
-            actions = actions + (torch.randn_like(actions) * self.config.expl_noise).clamp(-self.config.noise_clip,
-                                                                                          self.config.noise_clip)
-        self.actor.train()
-        return (actions * self.max_action).clamp(-self.max_action, self.max_action)
-
-    @torch.no_grad()
-    def policy_log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> Optional[torch.Tensor]:
-        """log pi(a|s) per row; None for the deterministic actor, which has no density."""
-        if not isinstance(self.actor, GaussianPolicy):
-            return None
-        self.actor.eval()
-        log_prob = self.actor.log_prob(states, actions / self.max_action)
-        self.actor.train()
-        return log_prob
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "q_target": self.q_target.state_dict(),
-                "vf": self.vf.state_dict(), "actor_optimizer": self.actor_optimizer.state_dict(),
-                "q_optimizer": self.q_optimizer.state_dict(), "v_optimizer": self.v_optimizer.state_dict(),
-                "actor_lr_schedule": self.actor_lr_schedule.state_dict(), "total_it": self.total_it}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for name in ("actor", "qf", "q_target", "vf", "actor_optimizer", "q_optimizer", "v_optimizer",
-                     "actor_lr_schedule"):
-            getattr(self, name).load_state_dict(state[name])
-        self.total_it = state["total_it"]
-# ==== END SHARED: IQL networks and agent ====
+# ==== END SHARED: IQL networks ====
 
 
 # ==== BEGIN SHARED: EDIS diffusion model ====
@@ -1428,6 +1316,120 @@ class TransitionEnergies:
             (gradient,) = torch.autograd.grad(total, x)
         return gradient
 # ==== END SHARED: EDIS energies and guidance ====
+
+
+# ==== BEGIN SHARED: IQL agent ====
+# ---------------------------------------------------------------------------------------------
+# Agent
+# ---------------------------------------------------------------------------------------------
+class ImplicitQLearning:
+    def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
+                 device: torch.device):
+        self.config, self.device, self.max_action = config, device, max_action
+        policy_class = DeterministicPolicy if config.iql_deterministic else GaussianPolicy
+        self.actor = policy_class(state_dim, action_dim, max_action, config.hidden_dim, config.n_hidden,
+                                  config.actor_dropout).to(device)
+        self.qf = TwinQ(state_dim, action_dim, config.hidden_dim, config.n_hidden).to(device)
+        self.q_target = copy.deepcopy(self.qf).requires_grad_(False)
+        self.vf = ValueFunction(state_dim, config.hidden_dim, config.n_hidden).to(device)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
+        self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=config.qf_lr)
+        self.v_optimizer = torch.optim.Adam(self.vf.parameters(), lr=config.vf_lr)
+        # As CORL: T_max = offline_iterations, and the schedule keeps stepping online.
+        self.actor_lr_schedule = CosineAnnealingLR(self.actor_optimizer, max(config.offline_iterations, 1))
+        self.total_it = 0
+
+    def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One IQL step: V by expectile regression, Q by TD to V, actor by advantage-weighted BC."""
+        self.total_it += 1
+        states, actions = batch["states"], batch["actions"]
+        rewards, dones = batch["rewards"].squeeze(-1), batch["dones"].squeeze(-1)
+        with torch.no_grad():
+            target_q = self.q_target(states, actions)
+            next_v = self.vf(batch["next_states"])
+
+        value = self.vf(states)
+        advantage = target_q - value
+        value_loss = asymmetric_l2_loss(advantage, self.config.iql_tau)
+        self.v_optimizer.zero_grad(set_to_none=True)
+        value_loss.backward()
+        self.v_optimizer.step()
+
+        targets = rewards + (1.0 - dones) * self.config.discount * next_v
+        q1, q2 = self.qf.both(states, actions)
+        q_loss = (F.mse_loss(q1, targets) + F.mse_loss(q2, targets)) / 2
+        self.q_optimizer.zero_grad(set_to_none=True)
+        q_loss.backward()
+        self.q_optimizer.step()
+        soft_update(self.q_target, self.qf, self.config.tau)
+
+        exp_advantage = torch.exp(self.config.beta * advantage.detach()).clamp(max=EXP_ADV_MAX)
+        unit_actions = actions / self.max_action  # the actor's outputs live in [-1, 1]
+        if isinstance(self.actor, GaussianPolicy):
+            bc_losses = -self.actor.log_prob(states, unit_actions)
+        else:
+            bc_losses = ((self.actor(states) - unit_actions) ** 2).sum(-1)
+        actor_loss = torch.mean(exp_advantage * bc_losses)
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        self.actor_lr_schedule.step()
+        return {"value_loss": value_loss.detach(), "q_loss": q_loss.detach(), "actor_loss": actor_loss.detach(),
+                "mean_value": value.detach().mean(), "mean_advantage": advantage.detach().mean()}
+
+    @torch.no_grad()
+    def act(self, state: np.ndarray, explore: bool) -> np.ndarray:
+        """Evaluation: the mean action, dropout off. Exploration: a Gaussian sample (or noise)."""
+        self.actor.train(explore)
+        states = torch.as_tensor(state, dtype=torch.float32, device=self.device)[None]
+        if isinstance(self.actor, GaussianPolicy):
+            distribution = self.actor(states)
+            action = distribution.sample() if explore else distribution.mean
+        else:
+            action = self.actor(states)
+            if explore:
+                noise = (torch.randn_like(action) * self.config.expl_noise).clamp(-self.config.noise_clip,
+                                                                                   self.config.noise_clip)
+                action = action + noise
+        self.actor.train()
+        action = (action * self.max_action).clamp(-self.max_action, self.max_action)
+        return action[0].cpu().numpy()
+
+    @torch.no_grad()
+    def sample_actions(self, states: torch.Tensor) -> torch.Tensor:
+        """A batch of exploration actions of the current policy (EDIS's policy-energy positives)."""
+        self.actor.eval()
+        if isinstance(self.actor, GaussianPolicy):
+            actions = self.actor(states).sample()
+        else:
+            actions = self.actor(states)
+            actions = actions + (torch.randn_like(actions) * self.config.expl_noise).clamp(-self.config.noise_clip,
+                                                                                          self.config.noise_clip)
+        self.actor.train()
+        return (actions * self.max_action).clamp(-self.max_action, self.max_action)
+
+    @torch.no_grad()
+    def policy_log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> Optional[torch.Tensor]:
+        """log pi(a|s) per row; None for the deterministic actor, which has no density."""
+        if not isinstance(self.actor, GaussianPolicy):
+            return None
+        self.actor.eval()
+        log_prob = self.actor.log_prob(states, actions / self.max_action)
+        self.actor.train()
+        return log_prob
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "q_target": self.q_target.state_dict(),
+                "vf": self.vf.state_dict(), "actor_optimizer": self.actor_optimizer.state_dict(),
+                "q_optimizer": self.q_optimizer.state_dict(), "v_optimizer": self.v_optimizer.state_dict(),
+                "actor_lr_schedule": self.actor_lr_schedule.state_dict(), "total_it": self.total_it}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for name in ("actor", "qf", "q_target", "vf", "actor_optimizer", "q_optimizer", "v_optimizer",
+                     "actor_lr_schedule"):
+            getattr(self, name).load_state_dict(state[name])
+        self.total_it = state["total_it"]
+# ==== END SHARED: IQL agent ====
 
 
 # ==== BEGIN SHARED: EDIS refresh and metrics ====
