@@ -1201,7 +1201,7 @@ class TransitionDiffusion:
         levels = []
         for i in range(len(sigma_hats)):
             levels.append(sigma_hats[i])
-            if sigmas[i + 1] > 0:
+            if i < len(sigma_hats) - 1:  # the last step goes to sigma = 0 without a correction
                 levels.append(sigmas[i + 1])
         return torch.stack(levels)
 
@@ -1240,7 +1240,7 @@ class TransitionDiffusion:
                 states.append(x_hat)
             d = (x_hat - self._guided_denoise(x_hat, sigma_hat, guidance)) / sigma_hat
             x = x_hat + (sigma_next - sigma_hat) * d
-            if sigma_next > 0:
+            if i < config.sample_steps - 1:  # sigma_next > 0, decided on the host (no device sync)
                 if record:
                     states.append(x)
                 d_next = (x - self._guided_denoise(x, sigma_next, guidance)) / sigma_next
