@@ -25,24 +25,20 @@ def load_algorithm(name: str) -> ModuleType:
     return module
 
 
-@pytest.fixture(scope="session")
-def iql() -> ModuleType:
-    return load_algorithm("iql")
+def algorithm_fixture(name: str):
+    """A session fixture named after the algorithm file it imports."""
+
+    @pytest.fixture(scope="session", name=name)
+    def fixture() -> ModuleType:
+        return load_algorithm(name)
+
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def calql() -> ModuleType:
-    return load_algorithm("calql")
-
-
-@pytest.fixture(scope="session")
-def iql_edis() -> ModuleType:
-    return load_algorithm("iql_edis")
-
-
-@pytest.fixture(scope="session")
-def calql_edis() -> ModuleType:
-    return load_algorithm("calql_edis")
+iql = algorithm_fixture("iql")
+calql = algorithm_fixture("calql")
+iql_edis = algorithm_fixture("iql_edis")
+calql_edis = algorithm_fixture("calql_edis")
 
 
 @pytest.fixture(autouse=True)
