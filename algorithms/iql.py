@@ -1164,7 +1164,8 @@ def load_checkpoint(path: str, device: torch.device) -> Dict[str, Any]:
         payload = torch.load(path, map_location=device, weights_only=False)
     except Exception as error:
         raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
-    if payload.get("algorithm") != ALGORITHM:
+    # An EDIS file also takes its base algorithm's checkpoint: pretrain once, fine-tune with and without EDIS.
+    if payload.get("algorithm") not in (ALGORITHM, ALGORITHM.removesuffix("_edis")):
         raise UserError(f"checkpoint {path} was written by {payload.get('algorithm')!r}, not {ALGORITHM!r}")
     return payload
 # ==== END SHARED: logging and checkpoints ====

@@ -1488,6 +1488,28 @@ class EDIS:
         self.refreshes = 0
         self.fidelity_note_shown = False
 
+    def state_dict(self) -> Dict[str, Any]:
+        """Diffusion model (with its EMA, optimiser and standardisation) and energies, for checkpoints."""
+        diffusion = self.diffusion
+        return {"model": diffusion.model.state_dict(), "ema": diffusion.ema.state_dict(),
+                "optimizer": diffusion.optimizer.state_dict(), "mean": diffusion.mean, "std": diffusion.std,
+                "energies": {name: network.state_dict() for name, network in self.energies.networks.items()},
+                "energy_optimizers": {name: opt.state_dict() for name, opt in self.energies.optimizers.items()},
+                "refreshes": self.refreshes}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """A loaded model is warm: the next refresh fits it for refresh_fit_steps, not initial_fit_steps."""
+        diffusion = self.diffusion
+        diffusion.model.load_state_dict(state["model"])
+        diffusion.ema.load_state_dict(state["ema"])
+        diffusion.optimizer.load_state_dict(state["optimizer"])
+        diffusion.mean, diffusion.std = state["mean"], state["std"]
+        for name, network in self.energies.networks.items():
+            if name in state["energies"]:
+                network.load_state_dict(state["energies"][name])
+                self.energies.optimizers[name].load_state_dict(state["energy_optimizers"][name])
+        self.refreshes = state["refreshes"]
+
     def refresh(self, offline: Dict[str, torch.Tensor], online_buffer: "ReplayBuffer", agent: Any) -> Dict[str, float]:
         """One EDIS round. Without online data yet, only the diffusion model is fitted."""
         config, log = self.config, {}
@@ -1671,7 +1693,8 @@ def load_checkpoint(path: str, device: torch.device) -> Dict[str, Any]:
         payload = torch.load(path, map_location=device, weights_only=False)
     except Exception as error:
         raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
-    if payload.get("algorithm") != ALGORITHM:
+    # An EDIS file also takes its base algorithm's checkpoint: pretrain once, fine-tune with and without EDIS.
+    if payload.get("algorithm") not in (ALGORITHM, ALGORITHM.removesuffix("_edis")):
         raise UserError(f"checkpoint {path} was written by {payload.get('algorithm')!r}, not {ALGORITHM!r}")
     return payload
 # ==== END SHARED: logging and checkpoints ====
@@ -1715,6 +1738,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     if config.load_model:
         checkpoint = load_checkpoint(config.load_model, device)
         agent.load_state_dict(checkpoint["agent"])
+        if "edis" in checkpoint:  # absent in a checkpoint of the base algorithm or of the offline phase
+            edis.load_state_dict(checkpoint["edis"])
         start = config.offline_iterations  # a loaded agent skips offline pretraining
     config.name = config.name or default_run_name(config)
     logger = RunLogger(config, info)
@@ -1763,7 +1788,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                     save_checkpoint(checkpoint_dir / f"checkpoint_{step}.pt",
                                     {"algorithm": ALGORITHM, "agent": agent.state_dict(), "step": step,
                                      "phase": phase, "state_mean": state_mean, "state_std": state_std,
-                                     "config": asdict(config)})
+                                     "config": asdict(config),
+                                     **({"edis": edis.state_dict()} if edis.refreshes else {})})
     finally:
         progress.close()
         env.close()

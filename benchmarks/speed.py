@@ -14,6 +14,7 @@ import importlib.util
 import statistics
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(name: str):
+def load(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, ROOT / "algorithms" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

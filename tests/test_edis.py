@@ -175,3 +175,22 @@ def test_edis_section_and_dotted_overrides(edis, tmp_path):
         edis.validate_config(edis.parse_config(edis.TrainConfig, edis.CONFIG_SECTIONS, ["--edis.mix_ratio", "1.5"]))
     with pytest.raises(edis.UserError, match="unknown option --edis.nothing"):
         edis.parse_config(edis.TrainConfig, edis.CONFIG_SECTIONS, ["--edis.nothing", "1"])
+
+
+def test_base_checkpoint_feeds_edis_and_edis_checkpoints_keep_the_model(iql, edis, tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    assert iql.main(["--dataset", "random:Hopper-v5:1000", "--offline_iterations", "60", "--online_iterations", "0",
+                     "--eval_freq", "60", "--n_episodes", "1", "--batch_size", "32", "--wandb_mode", "disabled",
+                     "--log_dir", str(tmp_path), "--name", "base", "--checkpoints_path", str(checkpoints)]) == 0
+    # An IQL checkpoint starts IQL-EDIS fine-tuning directly (pretrain once, fine-tune with and without EDIS).
+    common = ["--dataset", "random:Hopper-v5:1000", *TINY_EDIS, "--log_dir", str(tmp_path),
+              "--checkpoints_path", str(checkpoints)]
+    assert edis.main([*common, "--name", "tuned", "--load_model", str(checkpoints / "base" / "checkpoint_60.pt")]) == 0
+    summary = json.loads((tmp_path / "tuned" / "summary.json").read_text())
+    assert summary["offline"]["iterations"] == 0 and summary["edis_refreshes"] == 3
+    saved = torch.load(checkpoints / "tuned" / "checkpoint_180.pt", weights_only=False)
+    assert saved["algorithm"] == "iql_edis" and saved["edis"]["refreshes"] == 3
+    # Resuming from it keeps the diffusion model and energies: the refresh count goes on.
+    resume_from = checkpoints / "tuned" / "checkpoint_180.pt"
+    assert edis.main([*common, "--name", "resumed", "--load_model", str(resume_from)]) == 0
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["edis_refreshes"] == 6
