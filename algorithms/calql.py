@@ -1312,11 +1312,14 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 
     progress = tqdm(range(start, total), initial=start, total=total, desc="Cal-QL", mininterval=1.0)
     run_start, online_start = time.perf_counter(), None
+    postfix = {"phase": "offline" if start < config.offline_iterations else "online"}
     try:
         for t in progress:
             phase = "offline" if t < config.offline_iterations else "online"
             if t == config.offline_iterations:
                 online_start = time.perf_counter()
+                postfix["phase"] = "online"
+                progress.set_postfix(postfix)
                 agent.start_online()
             episode_log = None
             if phase == "online":
@@ -1339,7 +1342,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 metrics = evaluate(eval_env, lambda s: agent.act(s, explore=False), info, config.n_episodes,
                                    config.eval_seed)
                 logger.log(metrics, step, phase)
-                progress.set_postfix({score_key.split("/")[1]: f"{metrics[score_key]:.1f}", "phase": phase})
+                postfix[score_key.split("/")[1]] = f"{metrics[score_key]:.1f}"
+                progress.set_postfix(postfix)
                 if checkpoint_dir is not None:
                     save_checkpoint(checkpoint_dir / f"checkpoint_{step}.pt",
                                     {"algorithm": ALGORITHM, "agent": agent.state_dict(), "step": step,

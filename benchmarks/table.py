@@ -12,7 +12,8 @@ On a cluster, write the same runs as one command per line, or as a SLURM array j
 
 Then, wherever the run folders were gathered:
 
-    python benchmarks/table.py report --log-dir runs/table
+    python benchmarks/table.py report --log-dir runs/table    # table + bar plot beside published numbers
+    python benchmarks/table.py curves --log-dir runs/table    # evaluation score over training, per config
 
 CPU scale (data made on this machine, minutes): --configs configs/local/hopper-random.yaml.
 Full-scale configs (1M updates) are GPU work: about 2 h (IQL) to a day (Cal-QL) per run on one GPU.
@@ -177,6 +178,52 @@ def plot(results: Dict[tuple, Dict[str, List[float]]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def curves(args: argparse.Namespace) -> None:
+    """curves.png: mean evaluation score against step, one panel per config, one line per algorithm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs: Dict[str, Dict[str, List[Dict[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    boundary: Dict[str, int] = {}
+    for metrics_path in sorted(Path(args.log_dir).glob("*/metrics.jsonl")):
+        parsed = parse_run_name(metrics_path.parent.name)
+        if parsed is None:
+            continue
+        algorithm, key, _ = parsed
+        scores = {}
+        for line in metrics_path.read_text().splitlines():
+            record = json.loads(line)
+            value = record.get("eval/normalized_score", record.get("eval/return"))
+            if value is not None:
+                scores[record["step"]] = value
+                if record["phase"] == "offline":
+                    boundary[key] = max(boundary.get(key, 0), record["step"])
+        if scores:
+            runs[key][algorithm].append(scores)
+    if not runs:
+        sys.exit(f"error: no evaluations (metrics.jsonl) under {args.log_dir}")
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.5), squeeze=False)
+    for ax, (key, algorithms) in zip(axes[0], sorted(runs.items()), strict=True):
+        for algorithm, seeds in sorted(algorithms.items()):
+            steps = sorted(set.intersection(*(set(scores) for scores in seeds)))
+            values = np.array([[scores[step] for step in steps] for scores in seeds])
+            mean, std = values.mean(0), values.std(0)
+            ax.plot(steps, mean, label=f"{algorithm} ({len(seeds)} seeds)")
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        if key in boundary:
+            ax.axvline(boundary[key], color="gray", linestyle="--", linewidth=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step (offline updates, then online steps)", fontsize=8)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("evaluation score")
+    fig.tight_layout()
+    path = Path(args.log_dir) / "curves.png"
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands_parser = parser.add_subparsers(dest="command", required=True)
@@ -190,12 +237,16 @@ def main() -> None:
     run_parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run")
     report_parser = commands_parser.add_parser("report", help="table and plot of finished runs")
     report_parser.add_argument("--log-dir", default="runs/table")
+    curves_parser = commands_parser.add_parser("curves", help="evaluation score over training, per config")
+    curves_parser.add_argument("--log-dir", default="runs/table")
     args = parser.parse_args()
     if args.command == "run":
         args.extra = [a for a in args.extra if a != "--"]
         run(args)
-    else:
+    elif args.command == "report":
         report(args)
+    else:
+        curves(args)
 
 
 if __name__ == "__main__":

@@ -37,3 +37,16 @@ def test_speed_script_measures_each_algorithm():
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| iql ", "| calql ", "| 32x1 "))]
     assert len(rows) == 4 and all(float(row.split("|")[-2]) > 0 for row in rows)  # 2 agents, fp32 and bf16
+
+
+def test_table_curves_plot_evaluations(tmp_path):
+    for seed in (0, 1):
+        run_dir = tmp_path / f"iql_edis--mujoco__hopper-medium--seed{seed}"
+        run_dir.mkdir()
+        records = [{"step": step, "phase": "offline" if step <= 20 else "online", "eval/normalized_score": step + seed}
+                   for step in (10, 20, 30, 40)]
+        (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "table.py"), "curves", "--log-dir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "curves.png").stat().st_size > 0
