@@ -1127,7 +1127,7 @@ class TransitionDiffusion:
     every level where it calls the denoiser (the energies' negatives come from there).
     """
 
-    def __init__(self, dim: int, config: "EDISConfig", device: torch.device):
+    def __init__(self, dim: int, config: EDISConfig, device: torch.device):
         self.dim, self.config, self.device = dim, config, device
         self.mean = torch.zeros(dim, device=device)
         self.std = torch.ones(dim, device=device)
@@ -1281,7 +1281,7 @@ class TransitionEnergies:
 
     NAMES = ("state", "policy", "transition")
 
-    def __init__(self, layout: TransitionLayout, config: "EDISConfig", device: torch.device):
+    def __init__(self, layout: TransitionLayout, config: EDISConfig, device: torch.device):
         self.layout, self.config, self.device = layout, config, device
         self.scales = {"state": config.guidance_state, "policy": config.guidance_policy,
                        "transition": config.guidance_transition}
@@ -1566,7 +1566,7 @@ class EDIS:
     samples, and measure what guidance bought against unguided samples of the same model.
     """
 
-    def __init__(self, config: "EDISConfig", state_dim: int, action_dim: int, max_action: float,
+    def __init__(self, config: EDISConfig, state_dim: int, action_dim: int, max_action: float,
                  device: torch.device, fidelity_env: gym.Env, state_mean: np.ndarray, state_std: np.ndarray,
                  reward_scale: float, reward_bias: float):
         self.config, self.device, self.max_action = config, device, max_action
@@ -1603,7 +1603,7 @@ class EDIS:
                 self.energies.optimizers[name].load_state_dict(state["energy_optimizers"][name])
         self.refreshes = state["refreshes"]
 
-    def refresh(self, offline: Dict[str, torch.Tensor], online_buffer: "ReplayBuffer", agent: Any) -> Dict[str, float]:
+    def refresh(self, offline: Dict[str, torch.Tensor], online_buffer: ReplayBuffer, agent: Any) -> Dict[str, float]:
         """One EDIS round. Without online data yet, only the diffusion model is fitted."""
         config, log = self.config, {}
         columns = ("states", "actions", "rewards", "next_states", "dones")
