@@ -121,7 +121,7 @@ def validate_edis_config(edis: EDISConfig) -> None:
 class TrainConfig:
     """Every field can be set in the YAML file or on the command line (--field value)."""
 
-    dataset: str = "random:Hopper-v5:20000"  # d4rl:<name> | minari:<id> | hdf5:<path> | random:<EnvId>:<transitions>
+    dataset: str = "random:Hopper-v5:20000"  # d4rl:NAME | minari:ID | hdf5:PATH | collected:ENV:KIND | random:ENV:N
     env: str = ""  # gymnasium env id; empty: the env that belongs to the dataset
     seed: int = 0  # seed of torch, numpy and the training env
     eval_seed: int = 0  # seed of the evaluation env
@@ -452,7 +452,7 @@ def d4rl_file(name: str) -> Tuple[str, DatasetInfo]:
 def download(url: str, path: Path) -> None:
     """Downloads url to path with a progress bar; the file appears only when complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")  # parallel runs may make the same file
     with urllib.request.urlopen(url, timeout=60) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         with open(partial, "wb") as file, tqdm(total=total, unit="B", unit_scale=True, desc=path.name) as bar:
@@ -532,11 +532,39 @@ def qlearning_transitions(raw: Dict[str, np.ndarray], max_episode_steps: int) ->
     }
 
 
-def d4rl_transitions(raw: Dict[str, Any], info: DatasetInfo, max_episode_steps: int) -> Dict[str, np.ndarray]:
-    """Checked transitions of a D4RL-layout file; its reference returns fill in those info lacks."""
+def stored_next_transitions(raw: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Transitions of a file that stores next_observations: every row is kept.
+
+    A timed-out row keeps its transition (its next observation is in the file), so these are the
+    same transitions as a Minari dataset of the same episodes. An episode ends at a terminal, a
+    timeout or the last row.
+    """
+    n = len(raw["observations"])
+    terminals = raw["terminals"].astype(bool).reshape(n)
+    episode_ends = terminals | (raw["timeouts"].astype(bool).reshape(n) if "timeouts" in raw else False)
+    episode_ends[-1] = True
+    return {
+        "observations": raw["observations"].astype(np.float32),
+        "actions": raw["actions"].astype(np.float32),
+        "rewards": raw["rewards"].reshape(n).astype(np.float32),
+        "next_observations": raw["next_observations"].astype(np.float32),
+        "terminals": terminals.astype(np.float32),
+        "episode_ends": episode_ends,
+    }
+
+
+def d4rl_transitions(raw: Dict[str, Any], info: DatasetInfo, max_episode_steps: int,
+                     use_next_observations: bool = False) -> Dict[str, np.ndarray]:
+    """Checked transitions of a D4RL-layout file; its reference returns fill in those info lacks.
+
+    `d4rl:` names follow d4rl.qlearning_dataset (as CORL and the published numbers do); other
+    files use their own next_observations when they have them.
+    """
     check_finite(raw, info.source)
     if info.ref_min_score is None and "ref_min_score" in raw and "ref_max_score" in raw:
         info.ref_min_score, info.ref_max_score = float(raw["ref_min_score"]), float(raw["ref_max_score"])
+    if use_next_observations and "next_observations" in raw:
+        return stored_next_transitions(raw)
     return qlearning_transitions(raw, max_episode_steps)
 
 
@@ -586,9 +614,31 @@ def load_minari(dataset_id: str) -> Tuple[Dict[str, np.ndarray], DatasetInfo]:
     return data, info
 
 
+def local_data_root() -> Path:
+    """Where data made on this machine live: $EDIS_DATA_DIR, default ~/.cache/edis-datasets."""
+    return Path(os.environ.get("EDIS_DATA_DIR", Path.home() / ".cache" / "edis-datasets")).expanduser()
+
+
 def random_dataset_path(env_id: str, transitions: int) -> Path:
-    root = Path(os.environ.get("EDIS_DATA_DIR", Path.home() / ".cache" / "edis-datasets")).expanduser()
-    return root / f"random-{env_id}-{transitions}.hdf5"
+    return local_data_root() / f"random-{env_id}-{transitions}.hdf5"
+
+
+COLLECTED_KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+
+
+def collected_dataset_path(source: str) -> Path:
+    """collected:<EnvId>:<kind>[:<seed>] -> the D4RL-layout file that benchmarks/collect.py writes."""
+    match = re.fullmatch(r"collected:([^:]+):([a-z-]+)(?::(\d+))?", source)
+    if not match or match.group(2) not in COLLECTED_KINDS:
+        raise UserError(f"bad dataset '{source}': use collected:<EnvId>:<kind>[:<seed>] with kind one of "
+                        f"{', '.join(COLLECTED_KINDS)}, e.g. collected:Hopper-v5:medium-replay")
+    env_id, kind, seed = match.group(1), match.group(2), int(match.group(3) or 0)
+    path = local_data_root() / "collected" / f"{env_id}-seed{seed}" / f"{kind}.hdf5"
+    if not path.is_file():
+        seed_option = f" --seed {seed}" if seed else ""
+        raise UserError(f"{source} has not been collected yet ({path} is missing); make it with: "
+                        f"python benchmarks/collect.py --env {env_id} --kinds {kind}{seed_option}")
+    return path
 
 
 def collect_random_dataset(env_id: str, transitions: int, path: Path, seed: int = 0) -> None:
@@ -614,7 +664,7 @@ def collect_random_dataset(env_id: str, transitions: int, path: Path, seed: int 
         state = env.reset()[0] if terminated or truncated else next_state
     env.close()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")  # parallel runs may make the same file
     with h5py.File(partial, "w") as file:
         for key, value in columns.items():
             file.create_dataset(key, data=value)
@@ -640,13 +690,14 @@ def load_dataset(source: str, env_override: str = "") -> Tuple[Dict[str, np.ndar
         data = d4rl_transitions(read_d4rl_hdf5(path), info, info.max_episode_steps or 1000)
     elif scheme == "minari":
         data, info = load_minari(rest)
-    elif scheme == "hdf5":
-        raw = read_d4rl_hdf5(Path(rest).expanduser())
+    elif scheme in ("hdf5", "collected"):
+        raw = read_d4rl_hdf5(collected_dataset_path(source) if scheme == "collected" else Path(rest).expanduser())
         env_id = env_override or raw.get("env_id", "")
         if not env_id:
             raise UserError(f"{rest} names no env (no 'env_id' attribute): set env in the config or --env")
         info = DatasetInfo(source, env_id, domain_of(env_id))
-        data = d4rl_transitions(raw, info, max_episode_steps_of(make_env(info)) if "timeouts" not in raw else 1000)
+        data = d4rl_transitions(raw, info, max_episode_steps_of(make_env(info)) if "timeouts" not in raw else 1000,
+                                use_next_observations=True)
     elif scheme == "random":
         match = re.fullmatch(r"([^:]+):(\d+)", rest)
         if not match or int(match.group(2)) < 2:
@@ -656,10 +707,10 @@ def load_dataset(source: str, env_override: str = "") -> Tuple[Dict[str, np.ndar
         if not path.is_file():
             collect_random_dataset(env_id, transitions, path)
         info = DatasetInfo(source, env_id, domain_of(env_id))
-        data = d4rl_transitions(read_d4rl_hdf5(path), info, 1000)
+        data = d4rl_transitions(read_d4rl_hdf5(path), info, 1000, use_next_observations=True)
     else:
-        raise UserError(f"unknown dataset scheme in '{source}': use d4rl:<name>, minari:<id>, hdf5:<path> "
-                        "or random:<EnvId>:<transitions>")
+        raise UserError(f"unknown dataset scheme in '{source}': use d4rl:<name>, minari:<id>, hdf5:<path>, "
+                        "collected:<EnvId>:<kind> or random:<EnvId>:<transitions>")
     if env_override:
         info.env_id, info.env_spec, info.antmaze_maze = env_override, None, None
     if len(data["observations"]) == 0:
@@ -1681,7 +1732,7 @@ def phase_summary(history: List[Dict[str, Any]], phase: str) -> Dict[str, Any]:
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
     """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
     torch.save(payload, partial)
     os.replace(partial, path)
 

@@ -1,11 +1,14 @@
 """Reproduce the results table: run algorithms x configs x seeds, then report measured beside published.
 
-Run locally, one run after another (a run whose summary.json exists is skipped, so a dead
-sweep resumes where it stopped):
+Run locally, --workers runs at a time (default: the cores divided by --threads-per-run), each
+limited to --threads-per-run threads. A run whose summary.json exists is skipped, so a dead sweep
+resumes where it stopped; a run that fails is reported with its error line at the end, and the
+others go on:
 
-    python benchmarks/table.py run --algorithms iql iql_edis --configs configs/adroit/pen-cloned.yaml --seeds 0 1 2 3
+    python benchmarks/table.py run --algorithms iql iql_edis --configs configs/cpu/hopper-medium-replay.yaml --seeds 0 1
 
-On a cluster, write the same runs as one command per line, or as a SLURM array job:
+On a cluster, write the same runs as one command per line, or as a SLURM array job that runs
+line $SLURM_ARRAY_TASK_ID of a jobs file:
 
     python benchmarks/table.py run --configs configs/antmaze/*.yaml --print-commands > jobs.txt
     python benchmarks/table.py run --configs configs/antmaze/*.yaml --slurm jobs.sbatch && sbatch jobs.sbatch
@@ -15,16 +18,18 @@ Then, wherever the run folders were gathered:
     python benchmarks/table.py report --log-dir runs/table    # table + bar plot beside published numbers
     python benchmarks/table.py curves --log-dir runs/table    # evaluation score over training, per config
 
-CPU scale (data made on this machine, minutes): --configs configs/local/hopper-random.yaml.
+CPU scale (data made on this machine by benchmarks/collect.py): --configs configs/cpu/*.yaml.
 Full-scale configs (1M updates) are GPU work: about 2 h (IQL) to a day (Cal-QL) per run on one GPU.
 Anything after `--` is passed to every run, e.g. `-- --device cuda --wandb_mode online`.
 """
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -73,33 +78,84 @@ def commands(args: argparse.Namespace) -> List[tuple]:
     return jobs
 
 
-def run(args: argparse.Namespace) -> None:
+def write_slurm(path: Path, jobs: List[tuple], args: argparse.Namespace) -> Path:
+    """A SLURM array script beside a jobs file: array task i runs line i of the jobs file."""
+    jobs_file = path.with_suffix(".jobs")
+    jobs_file.write_text("".join(shlex.join(command) + "\n" for _, command in jobs))
+    path.write_text(
+        "#!/bin/bash\n"
+        f"#SBATCH --array=1-{len(jobs)}\n#SBATCH --gres=gpu:1\n#SBATCH --cpus-per-task={args.threads_per_run}\n"
+        f"#SBATCH --output={args.log_dir}/slurm-%A_%a.out\n"
+        f"export OMP_NUM_THREADS={args.threads_per_run}\n"
+        f"cd {shlex.quote(str(ROOT))}\n"
+        f'eval "$(sed -n "${{SLURM_ARRAY_TASK_ID}}p" {shlex.quote(str(jobs_file.resolve()))})"\n')
+    return jobs_file
+
+
+def last_error_line(log_path: Path) -> str:
+    """The run's `error:` line, else the last line it printed (a traceback's last line)."""
+    lines = [line.strip() for line in log_path.read_text(errors="replace").replace("\r", "\n").splitlines()]
+    lines = [line for line in lines if line]
+    errors = [line for line in lines if line.startswith("error:")]
+    return errors[-1] if errors else (lines[-1] if lines else "(no output)")
+
+
+def run(args: argparse.Namespace) -> int:
     jobs = commands(args)
     if args.print_commands:
         for _, command in jobs:
             print(shlex.join(command))
-        return
+        return 0
     if args.slurm:
-        lines = "\n".join(shlex.join(command) for _, command in jobs)
-        Path(args.slurm).write_text(
-            "#!/bin/bash\n"
-            f"#SBATCH --array=1-{len(jobs)}\n#SBATCH --gres=gpu:1\n#SBATCH --cpus-per-task=4\n"
-            f"#SBATCH --output={args.log_dir}/slurm-%A_%a.out\n"
-            f"cd {shlex.quote(str(ROOT))}\n"
-            "read -r -d '' JOBS <<'END_OF_JOBS'\n" + lines + "\nEND_OF_JOBS\n"
-            'eval "$(echo "$JOBS" | sed -n "${SLURM_ARRAY_TASK_ID}p")"\n')
-        print(f"wrote {args.slurm}: {len(jobs)} runs (submit with: sbatch {args.slurm})")
-        return
-    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-    for index, (name, command) in enumerate(jobs, 1):
-        if (Path(args.log_dir) / name / "summary.json").is_file():
-            print(f"[{index}/{len(jobs)}] {name}: done before, skipped")
-            continue
-        print(f"[{index}/{len(jobs)}] {name}", flush=True)
-        with open(Path(args.log_dir) / f"{name}.log", "w") as log:
-            code = subprocess.call([sys.executable, *command[1:]], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        if code != 0:
-            print(f"  failed (exit {code}); see {Path(args.log_dir) / f'{name}.log'}")
+        jobs_file = write_slurm(Path(args.slurm), jobs, args)
+        print(f"wrote {args.slurm} and {jobs_file}: {len(jobs)} runs (submit with: sbatch {args.slurm})")
+        return 0
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending = []
+    for name, command in jobs:
+        if (log_dir / name / "summary.json").is_file():
+            print(f"{name}: done before, skipped")
+        else:
+            pending.append((name, command))
+    environment = dict(os.environ, OMP_NUM_THREADS=str(args.threads_per_run),
+                       MKL_NUM_THREADS=str(args.threads_per_run))
+    running: Dict[str, tuple] = {}
+    failures: List[tuple] = []
+    total, started_sweep = len(pending), time.time()
+    print(f"{total} run(s) to do, {args.workers} at a time, {args.threads_per_run} thread(s) each", flush=True)
+    try:
+        while pending or running:
+            while pending and len(running) < args.workers:
+                name, command = pending.pop(0)
+                log = open(log_dir / f"{name}.log", "w")
+                process = subprocess.Popen([sys.executable, *command[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                           cwd=ROOT, env=environment)
+                running[name] = (process, log, time.time())
+                print(f"[started] {name}", flush=True)
+            time.sleep(0.2)
+            for name, (process, log, started) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                done = total - len(pending) - len(running)
+                if process.returncode == 0:
+                    print(f"[{done}/{total}] {name}: finished in {time.time() - started:.0f} s", flush=True)
+                else:
+                    error = last_error_line(log_dir / f"{name}.log")
+                    failures.append((name, process.returncode, error))
+                    print(f"[{done}/{total}] {name}: failed (exit {process.returncode})", flush=True)
+    except KeyboardInterrupt:
+        for process, log, _ in running.values():
+            process.kill()
+            log.close()
+        print("interrupted: finished runs are kept, the same command resumes the rest", file=sys.stderr)
+        return 130
+    print(f"{total - len(failures)} of {total} run(s) finished in {time.time() - started_sweep:.0f} s")
+    for name, code, error in failures:
+        print(f"failed: {name} (exit {code}): {error}  [log: {log_dir / (name + '.log')}]")
+    return 1 if failures else 0
 
 
 def score(phase: Dict) -> Optional[float]:
@@ -224,7 +280,7 @@ def curves(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands_parser = parser.add_subparsers(dest="command", required=True)
     run_parser = commands_parser.add_parser("run", help="run (or print) algorithms x configs x seeds")
@@ -232,8 +288,13 @@ def main() -> None:
     run_parser.add_argument("--configs", nargs="+", default=["configs/local/hopper-random.yaml"])
     run_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     run_parser.add_argument("--log-dir", default="runs/table")
+    run_parser.add_argument("--threads-per-run", type=int, default=1,
+                            help="torch/OpenMP threads of each run (OMP_NUM_THREADS)")
+    run_parser.add_argument("--workers", type=int, default=None,
+                            help="runs at a time (default: the machine's cores // --threads-per-run)")
     run_parser.add_argument("--print-commands", action="store_true", help="print one command per run, run nothing")
-    run_parser.add_argument("--slurm", metavar="FILE", help="write a SLURM array script, run nothing")
+    run_parser.add_argument("--slurm", metavar="FILE",
+                            help="write a SLURM array script and its jobs file (FILE with suffix .jobs), run nothing")
     run_parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run")
     report_parser = commands_parser.add_parser("report", help="table and plot of finished runs")
     report_parser.add_argument("--log-dir", default="runs/table")
@@ -242,12 +303,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "run":
         args.extra = [a for a in args.extra if a != "--"]
-        run(args)
-    elif args.command == "report":
+        if args.threads_per_run < 1 or (args.workers is not None and args.workers < 1):
+            sys.exit("error: --workers and --threads-per-run must be at least 1")
+        if args.workers is None:
+            args.workers = max(1, (os.cpu_count() or 1) // args.threads_per_run)
+        return run(args)
+    if args.command == "report":
         report(args)
     else:
         curves(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

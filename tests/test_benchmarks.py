@@ -1,10 +1,31 @@
 """Benchmark scripts: the table report reads finished runs; the speed script prints its table."""
 
 import json
+import os
+import shlex
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, write_pendulum_dataset
+
+TABLE = ROOT / "benchmarks" / "table.py"
+
+
+def tiny_config(tmp_path: Path, name: str, dataset: str, offline_iterations: int = 1500) -> Path:
+    """A config of a few seconds of IQL on data the test makes (offline only, one evaluation episode)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"dataset: {dataset}\noffline_iterations: {offline_iterations}\nonline_iterations: 0\n"
+                    "eval_freq: 100000\nn_episodes: 1\nbatch_size: 128\ndevice: cpu\nwandb_mode: disabled\n")
+    return path
+
+
+def table_run(*args: str) -> tuple:
+    started = time.time()
+    result = subprocess.run([sys.executable, str(TABLE), "run", "--algorithms", "iql", *args], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT)
+    return result, time.time() - started
 
 
 def test_table_report_puts_measured_beside_published(tmp_path):
@@ -50,3 +71,58 @@ def test_table_curves_plot_evaluations(tmp_path):
                              str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_table_workers_run_side_by_side(tmp_path):
+    """Two runs with --workers 2 take clearly less wall-clock than the same two runs one after the other."""
+    data = tmp_path / "pendulum.hdf5"
+    write_pendulum_dataset(data, episodes=20)
+    config = tiny_config(tmp_path, "tiny", f"hdf5:{data}")
+    serial, serial_seconds = table_run("--configs", str(config), "--seeds", "0", "1", "--workers", "1",
+                                       "--log-dir", str(tmp_path / "serial"))
+    parallel, parallel_seconds = table_run("--configs", str(config), "--seeds", "0", "1", "--workers", "2",
+                                           "--log-dir", str(tmp_path / "parallel"))
+    assert serial.returncode == 0 and parallel.returncode == 0, serial.stdout + parallel.stdout
+    for log_dir in ("serial", "parallel"):
+        assert len(list((tmp_path / log_dir).glob("*/summary.json"))) == 2
+    assert parallel_seconds < 0.8 * serial_seconds, (serial_seconds, parallel_seconds)
+    again, _ = table_run("--configs", str(config), "--seeds", "0", "1", "--log-dir", str(tmp_path / "parallel"))
+    assert again.stdout.count("done before, skipped") == 2
+
+
+def test_table_run_reports_a_failing_run_and_goes_on(tmp_path):
+    data = tmp_path / "pendulum.hdf5"
+    write_pendulum_dataset(data, episodes=10)
+    broken = tiny_config(tmp_path, "broken", f"hdf5:{tmp_path / 'missing.hdf5'}")
+    working = tiny_config(tmp_path, "working", f"hdf5:{data}", offline_iterations=200)
+    result, _ = table_run("--configs", str(broken), str(working), "--seeds", "0", "--workers", "1",
+                          "--log-dir", str(tmp_path / "runs"))
+    assert result.returncode == 1
+    assert (tmp_path / "runs" / "iql--working--seed0" / "summary.json").is_file()
+    failed = [line for line in result.stdout.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and failed[0].startswith("failed: iql--broken--seed0 (exit 2): error: dataset file not "
+                                                     f"found: {tmp_path / 'missing.hdf5'}")
+    assert result.stdout.splitlines()[-1] == failed[0]  # reported at the end, after the run that went on
+
+
+def test_slurm_script_runs_line_of_its_array_task(tmp_path):
+    """Runs the written script with bash, a stand-in `python` on PATH recording what it was asked to run."""
+    printed = subprocess.run([sys.executable, str(TABLE), "run", "--configs", "configs/adroit/pen-cloned.yaml",
+                              "--seeds", "0", "1", "--print-commands"], capture_output=True, text=True, cwd=ROOT)
+    expected = printed.stdout.strip().splitlines()
+    script = tmp_path / "jobs.sbatch"
+    subprocess.run([sys.executable, str(TABLE), "run", "--configs", "configs/adroit/pen-cloned.yaml", "--seeds", "0",
+                    "1", "--slurm", str(script), "--threads-per-run", "4"], check=True, capture_output=True, cwd=ROOT)
+    text = script.read_text()
+    assert f"#SBATCH --array=1-{len(expected)}" in text and "#SBATCH --cpus-per-task=4" in text
+    assert (tmp_path / "jobs.jobs").read_text().splitlines() == expected
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "python").write_text(f'#!/bin/sh\necho "python $*" > {tmp_path / "ran.txt"}\n'
+                                     f'echo "$OMP_NUM_THREADS" >> {tmp_path / "ran.txt"}\n')
+    (fake_bin / "python").chmod(0o755)
+    for task in (1, len(expected)):
+        environment = dict(os.environ, SLURM_ARRAY_TASK_ID=str(task), PATH=f"{fake_bin}:{os.environ['PATH']}")
+        subprocess.run(["bash", str(script)], check=True, env=environment)
+        ran = (tmp_path / "ran.txt").read_text().splitlines()
+        assert shlex.split(ran[0]) == shlex.split(expected[task - 1]) and ran[1] == "4"

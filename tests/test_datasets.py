@@ -46,6 +46,25 @@ def test_d4rl_scheme_reads_cached_file(iql, isolated_data):
     assert info.normalized_score(-20.272305) == pytest.approx(0.0)
 
 
+def test_stored_next_observations_keep_timed_out_rows_except_for_d4rl_names(iql, isolated_data):
+    """hdf5: uses a file's next_observations (every row kept); d4rl: on the same file stays d4rl.qlearning_dataset."""
+    raw = synthetic_raw(obs_dim=11)  # Hopper-v5 sized rows
+    raw["terminals"][3] = True
+    raw["timeouts"][6] = True
+    next_observations = raw["observations"] + 0.5  # differs from the next row: shows which one is used
+    for path in (isolated_data / "mine.hdf5", isolated_data / "d4rl" / "hopper_medium-v2.hdf5"):
+        write_d4rl_file(path, **raw, attrs={"env_id": "Hopper-v5"})
+        with h5py.File(path, "a") as file:
+            file.create_dataset("next_observations", data=next_observations)
+    stored, _ = iql.load_dataset(f"hdf5:{isolated_data / 'mine.hdf5'}")
+    np.testing.assert_array_equal(stored["observations"], raw["observations"])
+    np.testing.assert_array_equal(stored["next_observations"], next_observations)
+    np.testing.assert_array_equal(np.nonzero(stored["episode_ends"])[0], [3, 6, 9])
+    d4rl, _ = iql.load_dataset("d4rl:hopper-medium-v2")
+    np.testing.assert_array_equal(d4rl["rewards"], [0, 1, 2, 3, 4, 5, 7, 8])
+    np.testing.assert_array_equal(d4rl["next_observations"], raw["observations"][[1, 2, 3, 4, 5, 6, 8, 9]])
+
+
 def test_d4rl_names_map_to_files_and_envs(iql):
     url, info = iql.d4rl_file("walker2d-medium-replay-v2")
     assert url.endswith("gym_mujoco_v2/walker2d_medium_replay-v2.hdf5") and info.env_id == "Walker2d-v5"
