@@ -622,14 +622,17 @@ def read_hdf5(path: Path) -> Dict[str, np.ndarray]:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--env", required=True, help="Gymnasium MuJoCo env id, e.g. Hopper-v5")
     parser.add_argument("--kinds", nargs="+", default=["random", "medium", "medium-replay"],
                         help=f"datasets to make: {' '.join(KINDS)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of SAC, the rollouts and the envs")
     parser.add_argument("--steps", type=int, default=200_000, help="rows of each rollout dataset (D4RL: 1M)")
     parser.add_argument("--target-return", type=float, default=None,
-                        help="evaluation return that ends the medium stage (default: D4RL expert return / 3)")
+                        help="evaluation return that ends the medium stage (None: D4RL's expert return / 3)")
     parser.add_argument("--medium-budget", type=int, default=1_000_000,
                         help="most SAC environment steps allowed to reach the target")
     parser.add_argument("--expert-steps", type=int, default=1_000_000,
@@ -646,7 +649,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "deterministic and lets several run side by side)")
     parser.add_argument("--out-dir", default=None,
                         help="where collections go (default: $EDIS_DATA_DIR/collected, EDIS_DATA_DIR defaulting "
-                             "to ~/.cache/edis-datasets)")
+                             "to ~/.cache/edis-datasets; `collected:` reads only there, use hdf5:<path> otherwise)")
     args = parser.parse_args(argv)
     unknown = [kind for kind in args.kinds if kind not in KINDS]
     if unknown:
