@@ -58,7 +58,8 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     offline_iterations: int = 1_000_000  # gradient updates on the offline dataset
     online_iterations: int = 1_000_000  # environment steps during fine-tuning, one update each
-    eval_freq: int = 50_000  # evaluate every this many iterations (offline and online counted together)
+    offline_eval_freq: int = 50_000  # evaluate every this many offline updates (and at the end of pretraining)
+    eval_freq: int = 5_000  # evaluate every this many online steps (and at the end of the run)
     n_episodes: int = 100  # episodes per evaluation
     log_freq: int = 1_000  # log training losses every this many updates
     batch_size: int = 256  # transitions per gradient update
@@ -268,7 +269,7 @@ def check_range(
 def validate_common_config(config: Any) -> None:
     for name in ("offline_iterations", "online_iterations", "n_episodes"):
         check_range(config, name, 0, math.inf)
-    for name in ("eval_freq", "log_freq", "batch_size", "buffer_size"):
+    for name in ("offline_eval_freq", "eval_freq", "log_freq", "batch_size", "buffer_size"):
         check_range(config, name, 1, math.inf)
     if config.offline_iterations + config.online_iterations == 0 and not config.load_model:
         raise UserError("offline_iterations and online_iterations are both 0: nothing to do")
@@ -1128,6 +1129,15 @@ def evaluate(env: gym.Env, act: Callable[[np.ndarray], np.ndarray], info: Datase
     if info.domain in SUCCESS_DOMAINS:
         metrics["eval/success_rate"] = float(np.mean(successes))
     return metrics
+
+
+def evaluation_due(step: int, config: Any) -> bool:
+    """After update `step` (offline updates, then online steps): every offline_eval_freq offline
+    updates, every eval_freq online steps, and at the end of each phase."""
+    if step <= config.offline_iterations:
+        return step % config.offline_eval_freq == 0 or step == config.offline_iterations
+    online_step = step - config.offline_iterations
+    return online_step % config.eval_freq == 0 or online_step == config.online_iterations
 # ==== END SHARED: evaluation ====
 
 
@@ -1285,7 +1295,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 logger.log({f"train/{name}": value.item() for name, value in losses.items()}, step, phase)
             if episode_log is not None:
                 logger.log({**episode_log, "env_steps": collector.env_steps}, step, phase)
-            if step % config.eval_freq == 0 or step in (config.offline_iterations, total):
+            if evaluation_due(step, config):
                 metrics = evaluate(eval_env, lambda s: agent.act(s, explore=False), info, config.n_episodes,
                                    config.eval_seed)
                 logger.log(metrics, step, phase)

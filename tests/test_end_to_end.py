@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import ALGORITHMS, run_script, write_d4rl_file
 
-TINY = ["--offline_iterations", "30", "--online_iterations", "30", "--eval_freq", "20", "--n_episodes", "2",
+TINY = ["--offline_iterations", "30", "--online_iterations", "30", "--offline_eval_freq", "20", "--eval_freq", "25",
+        "--n_episodes", "2",
         "--log_freq", "10", "--batch_size", "32", "--wandb_mode", "disabled", "--device", "cpu"]
 
 
@@ -29,7 +30,7 @@ def test_run_writes_summary_metrics_and_checkpoints(algorithm, tmp_path):
     assert summary["env_steps"] == 30 and summary["online"]["env_steps"] == 30
     assert summary["offline"]["iterations"] == 30
     for phase in ("offline", "online"):
-        assert summary[phase]["evaluations"] == 2  # at step 20 and at the phase's end
+        assert summary[phase]["evaluations"] == 2  # offline: update 20 and 30; online: env step 25 and 30
         assert np.isfinite(summary[phase]["final_normalized_score"])
         assert summary[phase]["best_normalized_score"] >= summary[phase]["final_normalized_score"]
         assert summary[phase]["wall_clock_s"] > 0
@@ -39,7 +40,7 @@ def test_run_writes_summary_metrics_and_checkpoints(algorithm, tmp_path):
     assert all({"step", "phase"} <= set(record) for record in records)
     assert [r["step"] for r in records] == sorted(r["step"] for r in records)
     evaluations = [r for r in records if "eval/normalized_score" in r]
-    assert [(r["step"], r["phase"]) for r in evaluations] == [(20, "offline"), (30, "offline"), (40, "online"),
+    assert [(r["step"], r["phase"]) for r in evaluations] == [(20, "offline"), (30, "offline"), (55, "online"),
                                                               (60, "online")]
     losses = [r for r in records if any(key.startswith("train/") and "loss" in key for key in r)]
     assert {r["phase"] for r in losses} == {"offline", "online"}
@@ -48,7 +49,7 @@ def test_run_writes_summary_metrics_and_checkpoints(algorithm, tmp_path):
     assert episodes and all("train/normalized_episode_return" in r and "train/regret" in r for r in episodes)
 
     checkpoints = sorted(p.name for p in (tmp_path / "ckpt" / "e2e").glob("*.pt"))
-    assert checkpoints == ["checkpoint_20.pt", "checkpoint_30.pt", "checkpoint_40.pt", "checkpoint_60.pt"]
+    assert checkpoints == ["checkpoint_20.pt", "checkpoint_30.pt", "checkpoint_55.pt", "checkpoint_60.pt"]
     saved = torch.load(tmp_path / "ckpt" / "e2e" / "checkpoint_30.pt", weights_only=False)
     assert saved["algorithm"] == algorithm and saved["phase"] == "offline" and saved["step"] == 30
 
