@@ -68,6 +68,7 @@ class EDISConfig:
     blocks: int = 6  # residual blocks of the denoiser
     time_embedding_dim: int = 256  # random Fourier features of the noise level
     lr: float = 3e-4  # denoiser learning rate, cosine-annealed over each fit
+    grad_clip: float = 1.0  # clip the norm of the denoiser's gradient to this (the reference: 1)
     batch_size: int = 256  # denoiser batch
     ema_decay: float = 0.999  # EMA of the denoiser weights; the EMA copy samples
     sigma_min: float = 0.002  # smallest noise level of the sampler (EDM)
@@ -107,7 +108,7 @@ def validate_edis_config(edis: EDISConfig) -> None:
     for name in ("initial_fit_steps", "refresh_fit_steps", "energy_epochs", "guidance_state", "guidance_transition",
                  "guidance_policy", "s_churn"):
         check_range(edis, name, 0, math.inf, label=f"edis.{name}")
-    for name in ("lr", "energy_lr", "sigma_min", "sigma_data", "rho", "guidance_clip", "p_std"):
+    for name in ("lr", "grad_clip", "energy_lr", "sigma_min", "sigma_data", "rho", "guidance_clip", "p_std"):
         check_range(edis, name, 0.0, math.inf, low_inclusive=False, label=f"edis.{name}")
     check_range(edis, "ema_decay", 0.0, 1.0, label="edis.ema_decay")
     if edis.time_embedding_dim < 2 or edis.time_embedding_dim % 2:
@@ -1227,11 +1228,11 @@ class TransitionDiffusion:
             loss = (weight[:, None] * (denoised - x0) ** 2).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
             self.optimizer.step()
             schedule.step()
-            with torch.no_grad():
-                for ema_param, param in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-                    ema_param.lerp_(param, 1.0 - config.ema_decay)
+            with torch.no_grad():  # one fused call for the whole EMA update
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - config.ema_decay)
         return float(loss.detach())
 
     def sampler_levels(self) -> Tuple[torch.Tensor, torch.Tensor]:
