@@ -13,12 +13,14 @@ import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT
 
 COLLECT = ROOT / "benchmarks" / "collect.py"
 # A SAC small enough to train 1,500 steps in seconds; target -1000 ends the medium stage at the first evaluation.
-TINY = ["--steps", "600", "--target-return", "-1000", "--eval-every", "300", "--eval-episodes", "1",
-        "--learning-starts", "100", "--hidden", "16", "16", "--batch-size", "32", "--buffer-size", "5000"]
+TINY = ["--steps", "600", "--target-return", "-1000", "--eval-every", "300", "--fine-eval-every", "100",
+        "--eval-episodes", "1", "--learning-starts", "100", "--hidden", "16", "16", "--batch-size", "32",
+        "--buffer-size", "5000"]
 
 
 def collect(data_root: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -139,8 +141,9 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 
 
 def test_unreachable_target_says_what_it_reached_and_writes_nothing(tmp_path):
+    # --fine-eval-from -1: every evaluation is past "half the target", so all but the first are fine-grained.
     result = collect(tmp_path, "--env", "Hopper-v5", "--kinds", "medium", *TINY[:2], "--target-return", "100000",
-                     "--medium-budget", "600", *TINY[4:])
+                     "--medium-budget", "600", "--fine-eval-from", "-1", *TINY[4:])
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: SAC did not reach the target return 100000.0 within --medium-budget 600")
@@ -148,7 +151,8 @@ def test_unreachable_target_says_what_it_reached_and_writes_nothing(tmp_path):
     folder = tmp_path / "data" / "collected" / "Hopper-v5-seed0"
     assert not list(folder.glob("*.hdf5")) and not (folder / "policies").exists()
     assert not (tmp_path / "minari" / "edis" / "Hopper-v5-seed0" / "medium-v0").exists()
-    assert (folder / "sac" / "checkpoint.pt").is_file()  # a larger budget continues from here
+    checkpoint = torch.load(folder / "sac" / "checkpoint.pt", weights_only=False)  # a larger budget continues here
+    assert [step for step, _ in checkpoint["progress"]["evaluations"]] == [300, 400, 500, 600]
 
 
 def test_cpu_configs_name_collected_data_and_give_the_command_that_makes_it(iql, tmp_path):
