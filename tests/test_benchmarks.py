@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, write_pendulum_dataset
 
 TABLE = ROOT / "benchmarks" / "table.py"
@@ -73,8 +74,25 @@ def test_table_curves_plot_evaluations(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def side_by_side_ratio() -> float:
+    """Wall-clock of two fixed CPU-bound processes run together over the same two run in turn, here and now."""
+    work = [sys.executable, "-c", "sum(i * i for i in range(6_000_000))"]
+    started = time.time()
+    for _ in range(2):
+        subprocess.run(work, check=True)
+    serial = time.time() - started
+    started = time.time()
+    processes = [subprocess.Popen(work) for _ in range(2)]
+    for process in processes:
+        process.wait()
+    return (time.time() - started) / serial
+
+
 def test_table_workers_run_side_by_side(tmp_path):
     """Two runs with --workers 2 take clearly less wall-clock than the same two runs one after the other."""
+    ratio = side_by_side_ratio()
+    if ratio > 0.7:  # e.g. another job holds a core: the runner cannot be judged
+        pytest.skip(f"this machine has no two free cores now (two busy processes side by side: {ratio:.2f} of serial)")
     data = tmp_path / "pendulum.hdf5"
     write_pendulum_dataset(data, episodes=20)
     config = tiny_config(tmp_path, "tiny", f"hdf5:{data}")
