@@ -1835,7 +1835,7 @@ def phase_summary(history: List[Dict[str, Any]], phase: str) -> Dict[str, Any]:
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
     """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+    partial = path.with_name(path.name + ".part")
     torch.save(payload, partial)
     os.replace(partial, path)
 
