@@ -90,7 +90,7 @@ class TrainConfig:
     orthogonal_init: bool = True  # orthogonal initialisation of all linear layers
     q_n_hidden_layers: int = 2  # hidden layers (256 wide) of each critic
     mixing_ratio: float = 0.5  # share of offline data in each online batch
-    is_sparse_reward: bool = False  # episodes that never leave the failure reward get return r / (1 - discount)
+    is_sparse_reward: bool = False  # episodes whose rewards all equal reward_bias (failures) get r / (1 - discount)
     project: str = "CORL"  # W&B project
     group: str = "Cal-QL-D4RL"  # W&B group
     name: str = ""  # run name; empty: <algorithm>-<dataset>-seed<seed>-<8 hex>
@@ -923,8 +923,8 @@ def returns_to_go(rewards: np.ndarray, terminals: np.ndarray, episode_ends: np.n
                   sparse_failure_reward: Optional[float] = None) -> np.ndarray:
     """Discounted return from each transition to the end of its episode (CORL's get_return_to_go).
 
-    With sparse_failure_reward set, an episode whose last reward equals it (it never reached
-    the goal) gets r / (1 - discount) everywhere, the return of failing forever.
+    With sparse_failure_reward set, an episode whose rewards all equal it (it never reached the
+    goal) gets r / (1 - discount) everywhere, the return of failing forever.
     """
     returns = np.zeros(len(rewards), dtype=np.float64)
     future = 0.0
@@ -933,12 +933,14 @@ def returns_to_go(rewards: np.ndarray, terminals: np.ndarray, episode_ends: np.n
             future = 0.0
         future = rewards[i] + discount * future * (1.0 - terminals[i])
         returns[i] = future
-    if sparse_failure_reward is not None:
-        ends = np.nonzero(episode_ends)[0]
+    ends = np.nonzero(episode_ends)[0]
+    if sparse_failure_reward is not None and len(ends):
         starts = np.concatenate([[0], ends[:-1] + 1])
-        for start, end in zip(starts, ends, strict=True):
-            if rewards[end] == sparse_failure_reward:
-                returns[start:end + 1] = rewards[end] / (1.0 - discount)
+        complete = rewards[:ends[-1] + 1]
+        failed = ((np.minimum.reduceat(complete, starts) == sparse_failure_reward)
+                  & (np.maximum.reduceat(complete, starts) == sparse_failure_reward))
+        for start, end in zip(starts[failed], ends[failed], strict=True):
+            returns[start:end + 1] = sparse_failure_reward / (1.0 - discount)
     return returns.astype(np.float32)
 
 

@@ -8,7 +8,10 @@ offline + online data, three energies (state, policy, transition) are trained by
 energy prediction on the most recent online transitions, and guided samples refill a buffer of
 generated transitions. Each online batch mixes generated and real online data by
 `edis.mix_ratio`; raw offline data are not replayed (until the first refresh, when nothing has
-been generated yet, offline data stand in for generated data).
+been generated yet, offline data stand in for generated data). That is the paper's loop.
+`edis.replay: reference` runs the public code's loop instead, the one behind the published
+IQL-EDIS numbers: online updates replay offline + online data as plain IQL does, and only the
+`edis.utd_ratio` updates made at each refresh step see generated (+ online) data.
 
     python algorithms/iql_edis.py --config configs/local/hopper-random.yaml
     python algorithms/iql_edis.py --config configs/adroit/pen-cloned.yaml --edis.mix_ratio 0.3
@@ -48,8 +51,9 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from tqdm.auto import tqdm
 
 ALGORITHM = "iql_edis"
-# YAML sections this script reads besides the common keys; sections of other algorithms are skipped.
-CONFIG_SECTIONS = ("iql", "edis", "iql_edis")
+# YAML sections this script reads besides the common keys: edis: (EDIS settings both EDIS scripts share),
+# then iql_edis: (this algorithm's own values, iql_edis.edis included). iql: and the others are skipped.
+CONFIG_SECTIONS = ("edis", "iql_edis")
 
 
 # ==== BEGIN SHARED: EDIS config ====
@@ -58,6 +62,8 @@ class EDISConfig:
     """EDIS: a diffusion model of transitions, steered by three energies toward the online data."""
 
     mix_ratio: float = 0.5  # share of generated transitions in each online batch; the rest is online data
+    replay: str = "paper"  # paper: online batches mix generated + online rows | reference: the public IQL-EDIS loop
+    utd_ratio: int = 1  # replay reference only: updates on generated + online batches at each refresh step
     refresh_every: int = 10_000  # online steps between refreshes (diffusion fit, energy training, new samples)
     retrain_from_scratch: bool = False  # new diffusion weights at each refresh (the reference); false: warm start
     initial_fit_steps: int = 30_000  # denoiser updates on the offline data when fine-tuning starts
@@ -92,10 +98,11 @@ class EDISConfig:
     energy_batch_size: int = 256  # positives per energy update
     energy_negatives: int = 10  # model samples that compete with each positive
     negative_pool: int = 2_048  # sampler trajectories recorded per refresh; their states at every level are negatives
+    transition_pool: int = 2_048  # runs with (s, a) held at positives' (energy_negatives each): E_transition negatives
     guidance_state: float = 2.0  # scale of E_state's guidance on the s block (0: off)
     guidance_transition: float = 0.1  # scale of E_transition's guidance on the (r, s', done) block (0: off)
     guidance_policy: float = 0.1  # scale of E_policy's guidance on the a block (0: off)
-    guidance_clip: float = 1.0  # largest norm of the guidance added to a denoised transition (standardised units)
+    guidance_clip: float = 1.0  # largest norm of each energy's shift of a denoised transition (standardised units)
     metric_samples: int = 1_000  # transitions per batch for the alignment metrics at each refresh
 
 
@@ -103,7 +110,7 @@ def validate_edis_config(edis: EDISConfig) -> None:
     check_range(edis, "mix_ratio", 0.0, 1.0, label="edis.mix_ratio")
     for name in ("refresh_every", "num_samples", "width", "blocks", "batch_size", "sample_steps", "sample_batch_size",
                  "positive_buffer_size", "energy_hidden", "energy_layers", "energy_batch_size", "energy_negatives",
-                 "negative_pool", "metric_samples"):
+                 "negative_pool", "transition_pool", "metric_samples"):
         check_range(edis, name, 1, math.inf, label=f"edis.{name}")
     for name in ("initial_fit_steps", "refresh_fit_steps", "energy_epochs", "guidance_state", "guidance_transition",
                  "guidance_policy", "s_churn"):
@@ -111,6 +118,12 @@ def validate_edis_config(edis: EDISConfig) -> None:
     for name in ("lr", "grad_clip", "energy_lr", "sigma_min", "sigma_data", "rho", "guidance_clip", "p_std"):
         check_range(edis, name, 0.0, math.inf, low_inclusive=False, label=f"edis.{name}")
     check_range(edis, "ema_decay", 0.0, 1.0, label="edis.ema_decay")
+    check_range(edis, "utd_ratio", 1, math.inf, label="edis.utd_ratio")
+    if edis.replay not in ("paper", "reference"):
+        raise UserError(f"edis.replay = {edis.replay!r} must be paper or reference")
+    if edis.transition_pool < edis.energy_negatives:
+        raise UserError(f"edis.transition_pool = {edis.transition_pool} must be at least edis.energy_negatives = "
+                        f"{edis.energy_negatives} (energy_negatives runs per conditioned positive)")
     if edis.time_embedding_dim < 2 or edis.time_embedding_dim % 2:
         raise UserError(f"edis.time_embedding_dim = {edis.time_embedding_dim} must be even and at least 2")
     if edis.sigma_max <= edis.sigma_min:
@@ -141,7 +154,7 @@ class TrainConfig:
     reward_bias: float = 0.0  # after normalize_reward: reward * reward_scale + reward_bias (AntMaze: -1)
     discount: float = 0.99  # discount factor
     tau: float = 0.005  # target Q network soft-update rate
-    beta: float = 3.0  # inverse temperature of the advantage weights; small: BC, large: greedy
+    beta: float = 10.0  # inverse temperature of the advantage weights; small: BC, large: greedy (reference: 10)
     iql_tau: float = 0.7  # expectile of the value regression
     iql_deterministic: bool = False  # deterministic actor (MSE) instead of a Gaussian one
     actor_dropout: float = 0.0  # dropout probability in the actor
@@ -1225,12 +1238,17 @@ class TransitionDiffusion:
         return torch.stack(levels)
 
     def sample(self, count: int, guidance: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-               record: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+               record: bool = False, known: Optional[torch.Tensor] = None, known_mask: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """`count` raw transitions; with record, also the standardised states at every guidance level
-        (levels x count x dim)."""
+        (levels x count x dim). guidance(x, sigma) returns the shift subtracted from each denoised estimate.
+        known (count x dim, standardised) and known_mask (dim): the masked block of row i is held at
+        known[i] noised to each level (replacement inpainting), so the rest is drawn given it."""
         samples, trajectories = [], []
         for start in range(0, count, self.config.sample_batch_size):
-            x, trajectory = self._sample_batch(min(self.config.sample_batch_size, count - start), guidance, record)
+            rows = min(self.config.sample_batch_size, count - start)
+            held = None if known is None else (known[start:start + rows], known_mask)
+            x, trajectory = self._sample_batch(rows, guidance, record, held)
             samples.append(x)
             trajectories.append(trajectory)
         recorded = torch.cat(trajectories, dim=1) if record else None
@@ -1242,28 +1260,40 @@ class TransitionDiffusion:
             denoised = self.denoise(x, sigma_rows)
         if guidance is None:
             return denoised
-        # Score of p * exp(-E): score - grad E, i.e. D' = D - sigma^2 grad E; the shift is clipped in norm.
-        shift = sigma**2 * guidance(x, sigma_rows)
-        norm = shift.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return denoised - shift * (self.config.guidance_clip / norm).clamp(max=1.0)
+        # Score of p * exp(-E) is score - grad E, so the guided denoised estimate is D - sigma^2 grad E.
+        return denoised - guidance(x, sigma_rows)
 
-    def _sample_batch(self, count: int, guidance: Optional[Callable], record: bool) -> Tuple[torch.Tensor, Any]:
+    def _sample_batch(self, count: int, guidance: Optional[Callable], record: bool,
+                      held: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, Any]:
         config = self.config
         sigmas, sigma_hats = self.sampler_levels()
         x = torch.randn(count, self.dim, device=self.device) * sigmas[0]
+        if held is None:
+            def hold(values: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                return values
+        else:
+            known, mask = held
+            held_noise = torch.randn_like(x)  # one noise draw per row: the held block moves smoothly to known
+
+            def hold(values: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                return values * (1 - mask) + (known + sigma * held_noise) * mask
+        x = hold(x, sigmas[0])
         states = []
         for i in range(config.sample_steps):
             sigma, sigma_hat, sigma_next = sigmas[i], sigma_hats[i], sigmas[i + 1]
             x_hat = x + (sigma_hat**2 - sigma**2).clamp_min(0).sqrt() * config.s_noise * torch.randn_like(x)
+            x_hat = hold(x_hat, sigma_hat)
             if record:
                 states.append(x_hat)
             d = (x_hat - self._guided_denoise(x_hat, sigma_hat, guidance)) / sigma_hat
             x = x_hat + (sigma_next - sigma_hat) * d
             if i < config.sample_steps - 1:  # sigma_next > 0, decided on the host (no device sync)
+                x = hold(x, sigma_next)
                 if record:
                     states.append(x)
                 d_next = (x - self._guided_denoise(x, sigma_next, guidance)) / sigma_next
                 x = x_hat + (sigma_next - sigma_hat) * (d + d_next) / 2
+            x = hold(x, sigma_next)
         return x, (torch.stack(states) if record else None)
 # ==== END SHARED: EDIS diffusion model ====
 
@@ -1290,12 +1320,18 @@ class EnergyNetwork(nn.Module):
 class TransitionEnergies:
     """E_state, E_policy, E_transition trained by contrastive energy prediction (InfoNCE).
 
-    A positive (a recent online transition, noised to level sigma) competes with K negatives: the
-    diffusion sampler's own states at that same level. For E_policy the positive's action comes
-    from the current policy and the negatives keep the positive's s; for E_transition the
-    negatives keep the positive's (s, a) and differ in (r, s', done). The loss picks the positive
-    with logits -E, so at the optimum exp(-E) is proportional to online density / model density.
-    Only energies with a non-zero guidance scale are trained or evaluated.
+    A positive (a recent online transition, noised to level sigma) competes with K negatives at that
+    same level, each differing from it only in the block its energy guides, so that the energy can
+    tell them apart by that block alone:
+    - E_state: the sampler's own states (every block is the model's);
+    - E_policy: the positive's action is the current policy's, the negatives' the model's; s, r, s'
+      are the positive's;
+    - E_transition: the negatives' (r, s', done) come from sampler runs whose (s, a) block was held
+      at the positive's (inpainting), so they are draws of p_model(r, s' | s, a), not of the model's
+      marginal; their (s, a) is the positive's.
+    The loss picks the positive with logits -E, so at the optimum exp(-E) is proportional to online
+    density / model density (for E_transition, of r, s' given s, a). Only energies with a non-zero
+    guidance scale are trained or evaluated.
     """
 
     NAMES = ("state", "policy", "transition")
@@ -1310,6 +1346,7 @@ class TransitionEnergies:
                                              config.time_embedding_dim).to(device) for name in self.active}
         self.optimizers = {name: torch.optim.Adam(self.networks[name].parameters(), lr=config.energy_lr)
                            for name in self.active}
+        self.reset_guidance_statistics()
 
     def _infonce(self, name: str, positive: torch.Tensor, negatives: torch.Tensor, sigma: torch.Tensor
                  ) -> torch.Tensor:
@@ -1320,13 +1357,24 @@ class TransitionEnergies:
         logits = -energies.reshape(batch, count)
         return F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=self.device))
 
+    def negatives(self, name: str, positive: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+        """Negatives (B, K, dim) for positives (B, dim): the drawn sampler states in the energy's own block
+        (all of it for E_state), the positive's values everywhere else."""
+        own = torch.ones_like(self.masks[name]) if name == "state" else self.masks[name]
+        return drawn * own + positive[:, None] * (1 - own)
+
     def train(self, positives: torch.Tensor, policy_positives: torch.Tensor, trajectory: torch.Tensor,
-              levels: torch.Tensor, epochs: int) -> Dict[str, float]:
+              levels: torch.Tensor, epochs: int, conditioned: Optional[torch.Tensor] = None,
+              conditioned_trajectory: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """positives, policy_positives: standardised transitions (N, dim); trajectory: the sampler's states at
-        each level (L, M, dim); levels: those L noise levels. Returns the last loss of each energy."""
+        each level (L, M, dim); levels: those L noise levels. conditioned (P, dim): the positives whose (s, a)
+        held conditioned_trajectory's runs, energy_negatives runs each, in order (L, P * K, dim): E_transition's
+        positives and negatives. Every energy makes the same number of updates. Returns each last loss."""
         config, losses = self.config, {}
-        count, pool = len(positives), trajectory.shape[1]
-        keep_sa = self.masks["state"] + self.masks["policy"]
+        count, pool, negatives_per_row = len(positives), trajectory.shape[1], config.energy_negatives
+        if "transition" in self.active and (conditioned is None or conditioned_trajectory is None):
+            raise ValueError("E_transition needs sampler runs conditioned on its positives' (s, a)")
+        offsets = torch.arange(negatives_per_row, device=self.device)
         for _ in range(epochs):
             order = torch.randperm(count, device=self.device)
             for start in range(0, count, config.energy_batch_size):
@@ -1335,28 +1383,47 @@ class TransitionEnergies:
                 level = torch.randint(0, len(levels), (batch,), device=self.device)
                 sigma = levels[level]
                 noise = torch.randn(batch, self.layout.dim, device=self.device)
-                negative_rows = torch.randint(0, pool, (batch, config.energy_negatives), device=self.device)
-                negatives = trajectory[level[:, None], negative_rows]  # (B, K, dim), same level as the positive
+                negative_rows = torch.randint(0, pool, (batch, negatives_per_row), device=self.device)
                 for name in self.active:
-                    source = policy_positives if name == "policy" else positives
-                    positive = source[index] + sigma[:, None] * noise
-                    if name == "state":
-                        name_negatives = negatives
-                    else:  # negatives share the positive's s (policy) or (s, a) (transition)
-                        keep = self.masks["state"] if name == "policy" else keep_sa
-                        name_negatives = negatives * (1 - keep) + positive[:, None] * keep
-                    loss = self._infonce(name, positive, name_negatives, sigma)
+                    if name == "transition":
+                        rows = torch.randint(0, len(conditioned), (batch,), device=self.device)
+                        positive = conditioned[rows] + sigma[:, None] * noise
+                        drawn = conditioned_trajectory[level[:, None], rows[:, None] * negatives_per_row + offsets]
+                    else:
+                        positive = (policy_positives if name == "policy" else positives)[index] + sigma[:, None] * noise
+                        drawn = trajectory[level[:, None], negative_rows]  # (B, K, dim) at the positive's level
+                    loss = self._infonce(name, positive, self.negatives(name, positive, drawn), sigma)
                     self.optimizers[name].zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizers[name].step()
                     losses[name] = loss.detach()
         return {name: float(loss) for name, loss in losses.items()}
 
-    def guidance(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """sum_k scale_k * mask_k * grad_x E_k(x, sigma), from one backward pass.
+    def reset_guidance_statistics(self) -> None:
+        """Running sums (on the device) behind guidance_statistics()."""
+        self.guidance_sums = {kind: {name: torch.zeros((), device=self.device) for name in self.active}
+                              for kind in ("norm", "clipped")}
+        self.guidance_sums["rows"] = torch.zeros((), device=self.device)
 
-        Each energy sees its own block attached to the graph and the other blocks detached, so the
-        gradient of the weighted sum is already masked per energy.
+    def guidance_statistics(self) -> Dict[str, float]:
+        """Per energy, over every guided denoiser call since the reset: the mean norm of its shift
+        before clipping (standardised units) and the share of rows whose shift the clip cut."""
+        sums = self.guidance_sums
+        rows = float(sums["rows"])
+        if rows == 0:
+            return {}
+        stats = {}
+        for name in self.active:
+            stats[f"edis/guidance_norm_{name}"] = float(sums["norm"][name]) / rows
+            stats[f"edis/guidance_clipped_{name}"] = float(sums["clipped"][name]) / rows
+        return stats
+
+    def guidance(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The shift sigma^2 * scale_k * grad_x E_k(x, sigma) of each energy's block, each clipped in norm.
+
+        One backward pass: each energy sees its own block attached to the graph and the other blocks
+        detached, so the gradient of the weighted sum is already masked per energy. The blocks are
+        disjoint, so each energy's shift is clipped on its own: one energy's outlier does not mute the others.
         """
         if not self.active:
             return torch.zeros_like(x)
@@ -1367,7 +1434,17 @@ class TransitionEnergies:
                 mask = self.masks[name]
                 total = total + self.scales[name] * self.networks[name](x * mask + x.detach() * (1 - mask), sigma).sum()
             (gradient,) = torch.autograd.grad(total, x)
-        return gradient
+        gradient = sigma[:, None] ** 2 * gradient
+        shift = torch.zeros_like(x)
+        sums = self.guidance_sums
+        for name in self.active:
+            block = gradient * self.masks[name]
+            norm = block.norm(dim=-1, keepdim=True)
+            shift = shift + block * (self.config.guidance_clip / norm.clamp_min(1e-12)).clamp(max=1.0)
+            sums["norm"][name] += norm.sum()
+            sums["clipped"][name] += (norm > self.config.guidance_clip).sum()
+        sums["rows"] += len(x)
+        return shift
 # ==== END SHARED: EDIS energies and guidance ====
 
 
@@ -1496,26 +1573,32 @@ def rbf_mmd(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean())
 
 
-def dynamics_fidelity(env: gym.Env, states: np.ndarray, actions: np.ndarray, next_states: np.ndarray,
-                      rewards: np.ndarray) -> Optional[Dict[str, float]]:
-    """Error of generated (s', r) against the simulator, for envs whose observation is the simulator state.
+def dynamics_errors(env: gym.Env, states: np.ndarray, actions: np.ndarray, next_states: np.ndarray,
+                    rewards: np.ndarray, next_state_std: np.ndarray, reward_std: float
+                    ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Per row, the error of generated (s', r) against the simulator, in units of the data's std.
 
     Hopper, Walker2d, HalfCheetah observe qpos without the x position, then qvel: set the
     simulator to each generated s (x = 0; rewards use x differences only), step the generated a.
-    Returns None where the state cannot be recovered from the observation.
+    Returns (mean over dimensions of the squared s' error / next_state_std^2, |r error| / reward_std),
+    so that numbers compare across envs, or None where the observation does not give the state.
     """
     base = env.unwrapped
     if not (env.spec is not None and env.spec.id.split("-")[0] in ("Hopper", "Walker2d", "HalfCheetah")):
         return None
     env.reset(seed=0)
     nq = base.model.nq
-    state_errors, reward_errors = [], []
-    for state, action, next_state, reward in zip(states, actions, next_states, rewards, strict=True):
+    true_next_states, true_rewards = np.empty_like(next_states), np.empty(len(rewards))
+    for i, (state, action) in enumerate(zip(states, actions, strict=True)):
         base.set_state(np.concatenate([[0.0], state[:nq - 1]]), state[nq - 1:])
-        true_next, true_reward, *_ = base.step(np.clip(action, env.action_space.low, env.action_space.high))
-        state_errors.append(np.mean((true_next - next_state) ** 2))
-        reward_errors.append(abs(true_reward - reward))
-    return {"state_mse": float(np.mean(state_errors)), "reward_mae": float(np.mean(reward_errors))}
+        true_next_states[i], true_rewards[i], *_ = base.step(np.clip(action, env.action_space.low,
+                                                                     env.action_space.high))
+    state_errors = np.mean(((true_next_states - next_states) / next_state_std) ** 2, axis=1)
+    return state_errors, np.abs(true_rewards - rewards) / reward_std
+
+
+def mean_and_standard_error(values: np.ndarray) -> Tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(max(len(values), 1)))
 
 
 class EDIS:
@@ -1587,16 +1670,28 @@ class EDIS:
         policy_positives = self.diffusion.normalize(self.layout.join(on_policy))
         with torch.no_grad():
             unguided, trajectory = self.diffusion.sample(config.negative_pool, record=True)
+            conditioned, conditioned_trajectory = None, None
+            if "transition" in self.energies.active:  # runs that draw (r, s') given each positive's (s, a)
+                rows = torch.randperm(len(positives), device=self.device)[:config.transition_pool
+                                                                          // config.energy_negatives]
+                conditioned = positives[rows]
+                held = self.layout.block_masks(self.device)
+                _, conditioned_trajectory = self.diffusion.sample(
+                    len(rows) * config.energy_negatives, record=True,
+                    known=conditioned.repeat_interleave(config.energy_negatives, 0),
+                    known_mask=held["state"] + held["policy"])
         levels = self.diffusion.guidance_levels()
         sampling_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        for name, loss in self.energies.train(positives, policy_positives, trajectory, levels,
-                                              config.energy_epochs).items():
+        for name, loss in self.energies.train(positives, policy_positives, trajectory, levels, config.energy_epochs,
+                                              conditioned, conditioned_trajectory).items():
             log[f"edis/energy_loss_{name}"] = loss
         log["edis/time_energy_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        self.energies.reset_guidance_statistics()
         guided, _ = self.diffusion.sample(config.num_samples, guidance=self.energies.guidance)
+        log.update(self.energies.guidance_statistics())
         generated = self.layout.split(guided)
         generated["actions"] = generated["actions"].clamp(-self.max_action, self.max_action)
         self.generated.size = self.generated.pointer = 0  # the new samples replace the old ones
@@ -1609,31 +1704,36 @@ class EDIS:
         log["edis/state_mmd_offline"] = rbf_mmd(offline["states"][torch.randperm(len(offline["states"]),
                                                                                   device=self.device)[:count]],
                                                 reference_states)
+        # The dynamics errors are in units of the data's std, so that numbers compare across envs.
+        data_std = {"next_states": offline["next_states"].std(0).cpu().numpy() * self.state_std + 1e-6,
+                    "rewards": float(offline["rewards"].std()) / abs(self.reward_scale) + 1e-6}
         for label, samples in (("guided", guided[:count]), ("unguided", unguided[:count])):
-            log.update(self.alignment(label, self.layout.split(samples), reference_states, agent))
+            log.update(self.alignment(label, self.layout.split(samples), reference_states, agent, data_std))
         return log
 
     def alignment(self, label: str, batch: Dict[str, torch.Tensor], online_states: torch.Tensor,
-                  agent: Any) -> Dict[str, float]:
-        """The three properties of generated data the paper claims, for one batch."""
+                  agent: Any, data_std: Dict[str, Any]) -> Dict[str, float]:
+        """The three properties of generated data the paper claims, for one batch (means with standard errors)."""
         metrics = {f"edis/state_mmd_{label}": rbf_mmd(batch["states"], online_states)}
         log_prob = agent.policy_log_prob(batch["states"], batch["actions"].clamp(-self.max_action, self.max_action))
         if log_prob is not None:
-            metrics[f"edis/policy_loglik_{label}"] = float(log_prob.mean())
-        rows = min(256, len(batch["states"]))
-        raw = {name: batch[name][:rows].cpu().numpy() for name in ("states", "actions", "next_states", "rewards")}
-        fidelity = dynamics_fidelity(
+            mean, error = mean_and_standard_error(log_prob.cpu().numpy())
+            metrics[f"edis/policy_loglik_{label}"], metrics[f"edis/policy_loglik_{label}_se"] = mean, error
+        raw = {name: batch[name].cpu().numpy() for name in ("states", "actions", "next_states", "rewards")}
+        errors = dynamics_errors(
             self.fidelity_env, raw["states"] * self.state_std + self.state_mean, raw["actions"],
             raw["next_states"] * self.state_std + self.state_mean,
-            (raw["rewards"][:, 0] - self.reward_bias) / self.reward_scale)
-        if fidelity is None:
+            (raw["rewards"][:, 0] - self.reward_bias) / self.reward_scale, data_std["next_states"],
+            data_std["rewards"])
+        if errors is None:
             if not self.fidelity_note_shown:
                 print("note: dynamics fidelity is skipped: this env's observation does not determine its "
                       "simulator state", file=sys.stderr)
                 self.fidelity_note_shown = True
-        else:
-            metrics[f"edis/dynamics_state_mse_{label}"] = fidelity["state_mse"]
-            metrics[f"edis/dynamics_reward_mae_{label}"] = fidelity["reward_mae"]
+            return metrics
+        for name, values in zip(("dynamics_state_mse", "dynamics_reward_mae"), errors, strict=True):
+            mean, error = mean_and_standard_error(values)
+            metrics[f"edis/{name}_{label}"], metrics[f"edis/{name}_{label}_se"] = mean, error
         return metrics
 # ==== END SHARED: EDIS refresh and metrics ====
 
@@ -1765,6 +1865,23 @@ def load_checkpoint(path: str, device: torch.device) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Training: offline pretraining, then online fine-tuning
 # ---------------------------------------------------------------------------------------------
+def mixed_batch(generated: ReplayBuffer, online: ReplayBuffer, generated_rows: int,
+                online_rows: int) -> Dict[str, torch.Tensor]:
+    """generated_rows generated transitions followed by online_rows online ones."""
+    generated_part, online_part = generated.sample(generated_rows), online.sample(online_rows)
+    return {name: torch.cat([generated_part[name], online_part[name]]) for name in generated_part}
+
+
+def sample_union(first: ReplayBuffer, second: ReplayBuffer, batch_size: int) -> Dict[str, torch.Tensor]:
+    """Uniform rows of the two buffers taken as one (CORL's single offline + online buffer), without a copy."""
+    index = torch.randint(0, len(first) + len(second), (batch_size,), device=first.device)
+    from_second = index >= len(first)
+    first_index = index.clamp(max=len(first) - 1)
+    second_index = (index - len(first)).clamp(min=0, max=max(len(second) - 1, 0))
+    return {name: torch.where(from_second[:, None], second.data[name][second_index], column[first_index])
+            for name, column in first.data.items()}
+
+
 def train(config: TrainConfig) -> Dict[str, Any]:
     device = resolve_device(config.device)
     set_seed(config.seed)
@@ -1813,7 +1930,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
           f"logs in {logger.run_dir}")
 
     progress = tqdm(range(start, total), initial=start, total=total, desc="IQL-EDIS", mininterval=1.0)
-    run_start, online_start = time.perf_counter(), None
+    run_start, online_start, online_updates = time.perf_counter(), None, 0
     postfix = {"phase": "offline" if start < config.offline_iterations else "online"}
     try:
         for t in progress:
@@ -1822,23 +1939,36 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 online_start = time.perf_counter()
                 postfix["phase"] = "online"
                 progress.set_postfix(postfix)
-                logger.log(edis.refresh(offline_buffer.recent(len(offline_buffer)), online_buffer, agent), t, phase)
+                if not config.edis.retrain_from_scratch:  # a model refitted from scratch needs no head start
+                    logger.log(edis.refresh(offline_buffer.recent(len(offline_buffer)), online_buffer, agent), t, phase)
             episode_log = None
             if phase == "online":
                 action = agent.act(collector.state, explore=True)
                 transition, episode_log = collector.step(action)
                 online_buffer.add(**transition)
-                if collector.env_steps % config.edis.refresh_every == 0:
+                refreshed = collector.env_steps % config.edis.refresh_every == 0
+                if refreshed:
                     refresh_log = edis.refresh(offline_buffer.recent(len(offline_buffer)), online_buffer, agent)
                     logger.log({**refresh_log, "env_steps": collector.env_steps}, t + 1, phase)
-                # Until the first refresh has generated anything, offline data stand in for generated data.
-                generated_source = edis.generated if len(edis.generated) else offline_buffer
-                generated_part = generated_source.sample(generated_batch_size)
-                online_part = online_buffer.sample(online_batch_size)
-                batch = {name: torch.cat([generated_part[name], online_part[name]]) for name in columns}
+                if config.edis.replay == "reference":
+                    # The public code's loop: plain IQL fine-tuning on offline + online data, except that
+                    # each refresh step makes utd_ratio updates on generated + online batches instead.
+                    if refreshed and len(edis.generated):
+                        for _ in range(config.edis.utd_ratio - 1):
+                            agent.update(mixed_batch(edis.generated, online_buffer, generated_batch_size,
+                                                     online_batch_size))
+                            online_updates += 1
+                        batch = mixed_batch(edis.generated, online_buffer, generated_batch_size, online_batch_size)
+                    else:
+                        batch = sample_union(offline_buffer, online_buffer, config.batch_size)
+                else:
+                    # Until the first refresh has generated anything, offline data stand in for generated data.
+                    generated_source = edis.generated if len(edis.generated) else offline_buffer
+                    batch = mixed_batch(generated_source, online_buffer, generated_batch_size, online_batch_size)
             else:
                 batch = offline_buffer.sample(config.batch_size)
             losses = agent.update(batch)
+            online_updates += phase == "online"
             step = t + 1
             if step % config.log_freq == 0:
                 logger.log({f"train/{name}": value.item() for name, value in losses.items()}, step, phase)
@@ -1870,7 +2000,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         "offline": {**phase_summary(logger.history, "offline"), "iterations": max(config.offline_iterations - start, 0),
                     "wall_clock_s": round(offline_seconds, 2)},
         "online": {**phase_summary(logger.history, "online"), "env_steps": collector.env_steps,
-                   "wall_clock_s": round(online_seconds, 2)},
+                   "updates": online_updates, "wall_clock_s": round(online_seconds, 2)},
         "env_steps": collector.env_steps,
         "edis_refreshes": edis.refreshes,
         "versions": package_versions(),

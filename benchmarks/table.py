@@ -110,7 +110,14 @@ def run(args: argparse.Namespace) -> int:
         jobs_file = write_slurm(Path(args.slurm), jobs, args)
         print(f"wrote {args.slurm} and {jobs_file}: {len(jobs)} runs (submit with: sbatch {args.slurm})")
         return 0
-    log_dir = Path(args.log_dir)
+    return run_jobs(jobs, Path(args.log_dir), args.workers, args.threads_per_run)
+
+
+def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: int) -> int:
+    """Runs (name, command) jobs, `workers` at a time; a job whose log_dir/name/summary.json exists is skipped.
+
+    Each run's output goes to log_dir/name.log; failures are listed at the end. Returns the exit code.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     pending = []
     for name, command in jobs:
@@ -118,15 +125,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: done before, skipped")
         else:
             pending.append((name, command))
-    environment = dict(os.environ, OMP_NUM_THREADS=str(args.threads_per_run),
-                       MKL_NUM_THREADS=str(args.threads_per_run))
+    environment = dict(os.environ, OMP_NUM_THREADS=str(threads_per_run), MKL_NUM_THREADS=str(threads_per_run))
     running: Dict[str, tuple] = {}
     failures: List[tuple] = []
     total, started_sweep = len(pending), time.time()
-    print(f"{total} run(s) to do, {args.workers} at a time, {args.threads_per_run} thread(s) each", flush=True)
+    print(f"{total} run(s) to do, {workers} at a time, {threads_per_run} thread(s) each", flush=True)
     try:
         while pending or running:
-            while pending and len(running) < args.workers:
+            while pending and len(running) < workers:
                 name, command = pending.pop(0)
                 log = open(log_dir / f"{name}.log", "w")
                 process = subprocess.Popen([sys.executable, *command[1:]], stdout=log, stderr=subprocess.STDOUT,

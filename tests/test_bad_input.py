@@ -131,6 +131,20 @@ def test_ratio_outside_unit_interval(calql, capsys, ratio):
         calql, capsys, "--dataset", "random:Hopper-v5:100", "--mixing_ratio", ratio)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--edis.replay", "sometimes"], "edis.replay = 'sometimes' must be paper or reference"),
+    (["--edis.utd_ratio", "0"], "edis.utd_ratio = 0 is outside [1, inf]"),
+    (["--edis.transition_pool", "5"], "edis.transition_pool = 5 must be at least edis.energy_negatives = 10"),
+])
+def test_invalid_edis_values(iql_edis, capsys, args, message):
+    assert message in run_main(iql_edis, capsys, "--dataset", "random:Hopper-v5:100", *args)
+
+
+def test_calql_edis_has_no_reference_replay(calql_edis, capsys):
+    line = run_main(calql_edis, capsys, "--dataset", "random:Hopper-v5:100", "--edis.replay", "reference")
+    assert "edis.replay = reference is the public IQL-EDIS loop" in line
+
+
 def test_checkpoint_of_other_algorithm_is_refused(iql, calql, capsys, isolated_data):
     import torch
 

@@ -38,17 +38,39 @@ def test_config_flag_and_pyrallis_alias(iql, config_file, flag):
     assert config.eval_freq == 3
 
 
-def test_edis_scripts_layer_their_sections(iql_edis, calql_edis):
-    path = ROOT / "configs" / "mujoco" / "hopper-medium-replay.yaml"
+EDIS_LAYERS = """\
+dataset: random:Hopper-v5:300
+offline_iterations: 7
+iql:
+  beta: 5.0
+  iql_tau: 0.6
+calql:
+  cql_alpha: 2.5
+edis:
+  width: 64
+  mix_ratio: 0.4
+iql_edis:
+  iql_tau: 0.8
+  edis:
+    mix_ratio: 0.2
+calql_edis:
+  offline_iterations: 9
+  edis:
+    mix_ratio: 0.7
+"""
+
+
+def test_edis_scripts_layer_their_sections_and_skip_the_base_ones(iql_edis, calql_edis, tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text(EDIS_LAYERS)
     iql_config = iql_edis.parse_config(iql_edis.TrainConfig, iql_edis.CONFIG_SECTIONS, ["--config", str(path)])
     calql_config = calql_edis.parse_config(calql_edis.TrainConfig, calql_edis.CONFIG_SECTIONS, ["--config", str(path)])
-    # edis: gives the Cal-QL-EDIS per-task values; iql_edis: overrides some of them key by key.
-    assert (iql_config.beta, iql_config.iql_tau, iql_config.online_iterations) == (10.0, 0.7, 200_000)
-    edis = iql_config.edis
-    assert (edis.mix_ratio, edis.guidance_state, edis.guidance_policy) == (0.5, 2.0, 0.1)
-    assert (calql_config.offline_iterations, calql_config.cql_alpha) == (300_000, 10.0)
-    edis = calql_config.edis
-    assert (edis.mix_ratio, edis.guidance_state, edis.guidance_policy) == (0.5, 1.0, 0.2)
+    # iql: is the base algorithm's: IQL-EDIS keeps its own default beta and takes iql_tau from iql_edis:.
+    assert (iql_config.beta, iql_config.iql_tau, iql_config.offline_iterations) == (10.0, 0.8, 7)
+    # edis: is shared; each EDIS section overrides it key by key.
+    assert (iql_config.edis.width, iql_config.edis.mix_ratio) == (64, 0.2)
+    assert (calql_config.cql_alpha, calql_config.offline_iterations) == (10.0, 9)
+    assert (calql_config.edis.width, calql_config.edis.mix_ratio) == (64, 0.7)
 
 
 def test_each_script_reads_its_own_section(iql, calql, config_file):

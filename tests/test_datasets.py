@@ -188,6 +188,10 @@ def test_returns_to_go(calql):
                                  np.array([0, 1, 0, 1], bool), discount=0.5, sparse_failure_reward=-5.0)
     np.testing.assert_allclose(sparse[:2], [-10.0, -10.0])  # ended in failure: r / (1 - discount)
     np.testing.assert_allclose(sparse[2:], [-2.5, 5.0])  # ended at the goal: discounted sum
+    # Reached the goal, then left it: not a failure (CORL: every reward must be the failure reward).
+    left_goal = calql.returns_to_go(np.array([-5.0, 5.0, -5.0], np.float32), np.zeros(3, np.float32),
+                                    np.array([0, 0, 1], bool), discount=0.5, sparse_failure_reward=-5.0)
+    np.testing.assert_allclose(left_goal, [-5.0 + 0.5 * 2.5, 2.5, -5.0])
 
 
 def test_replay_buffer_wraps_and_samples_on_device(iql):

@@ -57,7 +57,8 @@ def test_each_energy_guides_only_its_block(edis):
     single = {}
     for name in blocks:
         scales = {f"guidance_{other}": float(other == name) for other in blocks}
-        energies = edis.TransitionEnergies(layout, small_config(edis, **scales), torch.device("cpu"))
+        energies = edis.TransitionEnergies(layout, small_config(edis, guidance_clip=1e9, **scales),
+                                           torch.device("cpu"))
         assert energies.active == [name]
         gradient = energies.guidance(x, sigma)
         inside = torch.zeros(layout.dim, dtype=torch.bool)
@@ -67,11 +68,73 @@ def test_each_energy_guides_only_its_block(edis):
         single[name] = (energies.networks[name], gradient)
     # All three at once (one backward pass) equals the sum of the three masked gradients, scaled.
     scales = {"guidance_state": 2.0, "guidance_policy": 0.5, "guidance_transition": 0.25}
-    together = edis.TransitionEnergies(layout, small_config(edis, **scales), torch.device("cpu"))
+    together = edis.TransitionEnergies(layout, small_config(edis, guidance_clip=1e9, **scales), torch.device("cpu"))
     for name in blocks:
         together.networks[name].load_state_dict(single[name][0].state_dict())
     expected = 2.0 * single["state"][1] + 0.5 * single["policy"][1] + 0.25 * single["transition"][1]
     torch.testing.assert_close(together.guidance(x, sigma), expected)
+
+
+class LinearEnergy(torch.nn.Module):
+    """E(x) = c . x: its gradient is c wherever it is taken."""
+
+    def __init__(self, c: torch.Tensor):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x @ self.c
+
+
+def test_guidance_shift_is_sigma_squared_scale_gradient_clipped_per_energy_and_logged(edis):
+    layout = edis.TransitionLayout(2, 1, False)  # s: 0-1, a: 2, (r, s'): 3-5
+    config = small_config(edis, guidance_state=1.0, guidance_policy=2.0, guidance_transition=0.0, guidance_clip=1.0)
+    energies = edis.TransitionEnergies(layout, config, torch.device("cpu"))
+    energies.networks["state"] = LinearEnergy(torch.tensor([0.6, 0.8, 5.0, 5.0, 5.0, 5.0]))  # |c_s| = 1
+    energies.networks["policy"] = LinearEnergy(torch.tensor([9.0, 9.0, 0.1, 9.0, 9.0, 9.0]))
+    sigma = torch.tensor([0.5, 2.0])
+    shift = energies.guidance(torch.zeros(2, layout.dim), sigma)
+    # Row 0: state shift 0.25 * (0.6, 0.8) (norm 0.25, kept); row 1: 4 * (0.6, 0.8) clipped to norm 1.
+    torch.testing.assert_close(shift[:, :2], torch.tensor([[0.15, 0.2], [0.6, 0.8]]))
+    # Policy: 2 * 0.1 * sigma^2 = 0.05 and 0.8, both under the clip; other blocks untouched.
+    torch.testing.assert_close(shift[:, 2], torch.tensor([0.05, 0.8]))
+    assert torch.all(shift[:, 3:] == 0)
+    stats = energies.guidance_statistics()
+    assert stats["edis/guidance_norm_state"] == pytest.approx((0.25 + 4.0) / 2)
+    assert stats["edis/guidance_clipped_state"] == pytest.approx(0.5)
+    assert stats["edis/guidance_norm_policy"] == pytest.approx((0.05 + 0.8) / 2)
+    assert stats["edis/guidance_clipped_policy"] == 0.0
+    energies.reset_guidance_statistics()
+    assert energies.guidance_statistics() == {}
+
+
+def test_each_energy_negatives_differ_from_the_positive_in_its_own_block_only(edis):
+    layout = edis.TransitionLayout(2, 1, False)  # s: 0-1, a: 2, (r, s'): 3-5
+    energies = edis.TransitionEnergies(layout, small_config(edis), torch.device("cpu"))
+    positive, drawn = torch.zeros(4, layout.dim), torch.ones(4, 3, layout.dim)
+    own = {"state": [1, 1, 1, 1, 1, 1], "policy": [0, 0, 1, 0, 0, 0], "transition": [0, 0, 0, 1, 1, 1]}
+    for name, block in own.items():
+        negatives = energies.negatives(name, positive, drawn)
+        assert negatives.shape == (4, 3, layout.dim)
+        assert torch.equal(negatives, torch.tensor(block, dtype=torch.float32).expand(4, 3, -1)), name
+
+
+def test_inpainting_holds_the_block_and_draws_the_rest_given_it(edis):
+    """s' = s + a in the data: with (s, a) held, the sampled s' must follow it, far closer than the marginal."""
+    torch.manual_seed(0)
+    states, actions = torch.randn(4000, 1), torch.rand(4000, 1) * 2 - 1
+    data = torch.cat([states, actions, torch.zeros(4000, 1), states + actions], 1)  # (s, a, r, s')
+    diffusion = edis.TransitionDiffusion(4, small_config(edis, sample_steps=16, lr=2e-3), torch.device("cpu"))
+    diffusion.fit(data, 1000)
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    with torch.no_grad():
+        held, trajectory = diffusion.sample(500, record=True, known=diffusion.normalize(data[:500]), known_mask=mask)
+        free, _ = diffusion.sample(500)
+    torch.testing.assert_close(held[:, :2], data[:500, :2], atol=1e-4, rtol=1e-4)
+    assert trajectory.shape == (len(diffusion.guidance_levels()), 500, 4)
+    conditional_error = (held[:, 3] - held[:, :2].sum(1)).pow(2).mean()
+    marginal_error = (free[:, 3] - data[:500, :2].sum(1)).pow(2).mean()
+    assert conditional_error < 0.25 * marginal_error, (conditional_error, marginal_error)  # measured: 0.10
 
 
 def test_no_guidance_is_plain_sampling(edis):
@@ -127,16 +190,20 @@ TINY_EDIS = ["--offline_iterations", "60", "--online_iterations", "120", "--eval
              "--edis.positive_buffer_size", "100", "--edis.metric_samples", "100", "--edis.energy_hidden", "32"]
 
 
-@pytest.mark.parametrize("algorithm, options", [
-    ("iql_edis", []),
-    ("calql_edis", ["--edis.include_terminal", "true", "--edis.retrain_from_scratch", "true"]),
+@pytest.mark.parametrize("algorithm, options, fits, updates", [
+    ("iql_edis", [], 3, 120),  # a warm-started model is fitted at online start, then at 2 refreshes
+    # The public code's loop: at each of the 2 refreshes, utd_ratio (3) updates replace the one ordinary update.
+    ("iql_edis", ["--edis.replay", "reference", "--edis.utd_ratio", "3"], 3, 124),
+    # Refitted from scratch: no fit at online start.
+    ("calql_edis", ["--edis.include_terminal", "true", "--edis.retrain_from_scratch", "true"], 2, None),
 ])
-def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, tmp_path):
+def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, fits, updates, tmp_path):
     result = run_script(algorithm, "--dataset", "random:Hopper-v5:1000", *TINY_EDIS, *options, "--log_dir",
                         str(tmp_path), "--name", "run")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["algorithm"] == algorithm and summary["edis_refreshes"] == 3  # online start + 2 refreshes
+    assert summary["algorithm"] == algorithm and summary["edis_refreshes"] == fits
+    assert summary["online"].get("updates") == updates
     assert np.isfinite(summary["online"]["final_normalized_score"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     refreshes = [r for r in records if "edis/state_mmd_guided" in r]
@@ -145,6 +212,11 @@ def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, tmp_pat
         for kind in ("guided", "unguided"):
             for metric in ("state_mmd", "policy_loglik", "dynamics_state_mse", "dynamics_reward_mae"):
                 assert np.isfinite(record[f"edis/{metric}_{kind}"]), (metric, kind)
+            for metric in ("policy_loglik", "dynamics_state_mse", "dynamics_reward_mae"):
+                assert record[f"edis/{metric}_{kind}_se"] > 0, (metric, kind)
+        for energy in ("state", "policy", "transition"):
+            assert record[f"edis/guidance_norm_{energy}"] > 0
+            assert 0 <= record[f"edis/guidance_clipped_{energy}"] <= 1
         assert np.isfinite(record["edis/state_mmd_offline"])
         for part in ("diffusion", "energy", "sampling"):
             assert record[f"edis/time_{part}_s"] > 0
@@ -164,7 +236,7 @@ def test_edis_without_guidance_is_unguided_replay(edis, tmp_path):
 
 def test_edis_section_and_dotted_overrides(edis, tmp_path):
     path = tmp_path / "task.yaml"
-    path.write_text("dataset: random:Hopper-v5:100\niql:\n  beta: 7.0\nedis:\n  mix_ratio: 0.3\n  width: 64\n"
+    path.write_text("dataset: random:Hopper-v5:100\niql_edis:\n  beta: 7.0\nedis:\n  mix_ratio: 0.3\n  width: 64\n"
                     "calql:\n  cql_alpha: 1.0\n")
     config = edis.parse_config(edis.TrainConfig, edis.CONFIG_SECTIONS, ["--config", str(path), "--edis.width", "32"])
     assert (config.beta, config.edis.mix_ratio, config.edis.width) == (7.0, 0.3, 32)

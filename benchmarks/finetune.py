@@ -1,0 +1,331 @@
+"""Does EDIS help fine-tuning? One offline checkpoint per seed, fine-tuned by every variant.
+
+For each config and seed, the base algorithm is pretrained offline once, with the EDIS algorithm's
+own settings (the config's iql_edis: or calql_edis: section), and every variant fine-tunes that same
+checkpoint online, so the variants differ only in what happens online:
+
+    iql                 IQL fine-tuning (offline + online replay), IQL-EDIS's settings
+    iql_edis            IQL-EDIS, the paper's loop (generated + online data in every batch)
+    iql_edis_unguided   the same with every guidance scale 0 (plain diffusion samples)
+    iql_edis_reference  the same with --edis.replay reference (the public code's loop)
+    calql, calql_edis, calql_edis_unguided   the same for Cal-QL
+
+    python benchmarks/finetune.py run --configs configs/cpu/hopper-medium-replay.yaml --seeds 0 1 2 3 4 \\
+        --variants iql iql_edis iql_edis_unguided iql_edis_reference -- --wandb_mode disabled
+    python benchmarks/finetune.py report --log-dir runs/finetune --out benchmarks/results
+
+`run` pretrains first (all pending pretraining runs, --workers at a time), then fine-tunes; finished
+runs (summary.json) are skipped, so the same command resumes a dead sweep. `report` writes a table
+(offline -> online score, each EDIS variant's change over its base, guided and unguided fidelity
+metrics at the refreshes) and the learning curves.
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shlex
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from table import ROOT, config_key, run_jobs  # noqa: E402
+
+UNGUIDED = ["--edis.guidance_state", "0", "--edis.guidance_transition", "0", "--edis.guidance_policy", "0"]
+# variant: (script, the EDIS algorithm whose settings it runs with, extra options)
+VARIANTS = {
+    "iql": ("iql", "iql_edis", []),
+    "iql_edis": ("iql_edis", "iql_edis", []),
+    "iql_edis_unguided": ("iql_edis", "iql_edis", UNGUIDED),
+    "iql_edis_reference": ("iql_edis", "iql_edis", ["--edis.replay", "reference"]),
+    "calql": ("calql", "calql_edis", []),
+    "calql_edis": ("calql_edis", "calql_edis", []),
+    "calql_edis_unguided": ("calql_edis", "calql_edis", UNGUIDED),
+}
+# Fields that name or place a run rather than define the algorithm.
+NOT_SETTINGS = {"seed", "name", "group", "project", "log_dir", "checkpoints_path", "load_model", "wandb_mode", "edis"}
+FIDELITY = ("state_mmd", "policy_loglik", "dynamics_state_mse", "dynamics_reward_mae")
+
+
+def load_module(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"finetune_{name}", ROOT / "algorithms" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def option_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return str(value)
+
+
+def base_overrides(config: str, base: str, edis_algorithm: str, modules: Dict[str, Any]) -> List[str]:
+    """Options that make the base script run with the EDIS algorithm's settings from this config."""
+    base_module, edis_module = modules[base], modules[edis_algorithm]
+    read = {}
+    for name, module in ((base, base_module), (edis_algorithm, edis_module)):
+        read[name] = module.parse_config(module.TrainConfig, module.CONFIG_SECTIONS, ["--config", config])
+    options = []
+    for field in base_module.TrainConfig.__dataclass_fields__:
+        if field in NOT_SETTINGS or not hasattr(read[edis_algorithm], field):
+            continue
+        wanted = getattr(read[edis_algorithm], field)
+        if getattr(read[base], field) != wanted:
+            options += [f"--{field}", option_value(wanted)]
+    return options
+
+
+def without_edis_options(options: List[str]) -> List[str]:
+    """The options a base script takes: --edis.* (with its value) is for the EDIS scripts only."""
+    kept, skip = [], False
+    for option in options:
+        if skip:
+            skip = False
+        elif option.startswith("--edis."):
+            skip = "=" not in option
+        else:
+            kept.append(option)
+    return kept
+
+
+def pretrain_name(key: str, base: str, seed: int) -> str:
+    return f"pretrain-{base}--{key.replace('/', '__')}--seed{seed}"
+
+
+def finetune_name(variant: str, key: str, seed: int) -> str:
+    return f"{variant}--{key.replace('/', '__')}--seed{seed}"
+
+
+def checkpoint_of(log_dir: Path, key: str, base: str, seed: int, offline_iterations: int) -> Path:
+    """The pretraining run's checkpoint at the end of pretraining (it saves one at each offline evaluation)."""
+    return log_dir / "checkpoints" / pretrain_name(key, base, seed) / f"checkpoint_{offline_iterations}.pt"
+
+
+def plan(args: argparse.Namespace) -> tuple:
+    modules = {name: load_module(name) for name in {part for v in args.variants for part in VARIANTS[v][:2]}
+               | {VARIANTS[v][1].removesuffix("_edis") for v in args.variants}}
+    pretraining, finetuning = [], []
+    for config in args.configs:
+        if not Path(config).is_file():
+            sys.exit(f"error: config not found: {config}")
+        key = config_key(config)
+        overrides = {}
+        for variant in args.variants:
+            script, edis_algorithm, extra = VARIANTS[variant]
+            base = edis_algorithm.removesuffix("_edis")
+            if base not in overrides:
+                overrides[base] = base_overrides(config, base, edis_algorithm, modules)
+            for seed in args.seeds:
+                name = pretrain_name(key, base, seed)
+                command = ["python", f"algorithms/{base}.py", "--config", config, "--seed", str(seed),
+                           "--online_iterations", "0", "--name", name, "--log_dir", args.log_dir,
+                           "--checkpoints_path", str(Path(args.log_dir) / "checkpoints"), *overrides[base],
+                           *without_edis_options(args.extra)]
+                if all(job[0] != name for job in pretraining):
+                    pretraining.append((name, command))
+                module = modules[base]
+                offline_iterations = module.parse_config(module.TrainConfig, module.CONFIG_SECTIONS,
+                                                         command[2:]).offline_iterations
+                checkpoint = checkpoint_of(Path(args.log_dir), key, base, seed, offline_iterations)
+                own = [*overrides[base], *without_edis_options(args.extra)] if script == base else args.extra
+                finetuning.append((finetune_name(variant, key, seed), checkpoint, [
+                    "python", f"algorithms/{script}.py", "--config", config, "--seed", str(seed), "--name",
+                    finetune_name(variant, key, seed), "--log_dir", args.log_dir, *own, *extra,
+                    "--load_model", str(checkpoint)]))
+    return pretraining, finetuning
+
+
+def run(args: argparse.Namespace) -> int:
+    pretraining, finetuning = plan(args)
+    log_dir = Path(args.log_dir)
+    if args.print_commands:
+        for _, command in pretraining:
+            print(shlex.join(command))
+        for _, _, command in finetuning:
+            print(shlex.join(command))
+        return 0
+    print(f"pretraining: {len(pretraining)} run(s)")
+    code = run_jobs(pretraining, log_dir, args.workers, args.threads_per_run)
+    if args.pretrain_only:
+        return code
+    jobs = []
+    for name, checkpoint, command in finetuning:
+        if checkpoint.is_file():
+            jobs.append((name, command))
+        else:
+            print(f"{name}: skipped, its pretraining run left no checkpoint {checkpoint}")
+            code = 1
+    print(f"fine-tuning: {len(jobs)} run(s)")
+    return max(code, run_jobs(jobs, log_dir, args.workers, args.threads_per_run))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+def read_run(folder: Path) -> Optional[Dict[str, Any]]:
+    summary_path, metrics_path = folder / "summary.json", folder / "metrics.jsonl"
+    if not summary_path.is_file() or not metrics_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    key = summary["score_metric"]
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    evaluations = {r["step"]: r[key] for r in records if key in r}
+    refreshes = [r for r in records if "edis/generated" in r]
+    return {"summary": summary, "evaluations": evaluations, "refreshes": refreshes,
+            "offline_iterations": config["offline_iterations"]}
+
+
+def mean_std(values: List[float], digits: int = 1) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def report(args: argparse.Namespace) -> int:
+    log_dir = Path(args.log_dir)
+    runs: Dict[tuple, Dict[int, Dict[str, Any]]] = defaultdict(dict)
+    pretrained: Dict[tuple, Dict[int, Dict[str, Any]]] = defaultdict(dict)
+    for folder in sorted(p for p in log_dir.iterdir() if p.is_dir()):
+        parts = folder.name.split("--")
+        if len(parts) != 3 or not parts[2].startswith("seed"):
+            continue
+        loaded = read_run(folder)
+        if loaded is None:
+            print(f"skipped {folder.name}: no summary.json (unfinished or failed)")
+            continue
+        seed, key = int(parts[2][4:]), parts[1].replace("__", "/")
+        if parts[0].startswith("pretrain-"):
+            pretrained[(key, parts[0].removeprefix("pretrain-"))][seed] = loaded
+        elif parts[0] in VARIANTS:
+            runs[(key, parts[0])][seed] = loaded
+    if not runs:
+        print(f"error: no finished fine-tuning runs under {log_dir}", file=sys.stderr)
+        return 1
+
+    def final(run: Dict[str, Any]) -> float:
+        return run["evaluations"][max(run["evaluations"])]
+
+    lines = ["| config | variant | seeds | offline | online (final) | online (mean of last 3 evaluations) "
+             "| change over base (final) |", "|---|---|---|---|---|---|---|"]
+    for (key, variant), seeds in sorted(runs.items()):
+        base = VARIANTS[variant][1].removesuffix("_edis")
+        offline = [final(pretrained[(key, base)][s]) for s in seeds if s in pretrained[(key, base)]]
+        online = [final(run) for run in seeds.values()]
+        last3 = [np.mean([run["evaluations"][step] for step in sorted(run["evaluations"])[-3:]])
+                 for run in seeds.values()]
+        change = "-"
+        if variant != base and (key, base) in runs:
+            paired = [final(run) - final(runs[(key, base)][s]) for s, run in seeds.items() if s in runs[(key, base)]]
+            change = f"{mean_std(paired)} ({len(paired)} paired seeds)" if paired else "-"
+        lines.append(f"| {key} | {variant} | {len(seeds)} | {mean_std(offline)} | {mean_std(online)} | "
+                     f"{mean_std(last3)} | {change} |")
+    table = "\n".join(lines)
+
+    fidelity = ["| config | variant | refreshes | metric | guided | unguided |", "|---|---|---|---|---|---|"]
+    for (key, variant), seeds in sorted(runs.items()):
+        refreshes = [r for run in seeds.values() for r in run["refreshes"] if "edis/state_mmd_guided" in r]
+        for metric in FIDELITY:
+            guided = [r[f"edis/{metric}_guided"] for r in refreshes if f"edis/{metric}_guided" in r]
+            unguided = [r[f"edis/{metric}_unguided"] for r in refreshes if f"edis/{metric}_unguided" in r]
+            if guided:
+                fidelity.append(f"| {key} | {variant} | {len(guided)} | {metric} | {mean_std(guided, 3)} | "
+                                f"{mean_std(unguided, 3)} |")
+    note = ("Scores: D4RL-normalised x 100 (raw return where the data has no reference returns), mean ± std over "
+            "seeds. Offline: the shared pretraining run's final evaluation. Change over base: per seed, the variant's "
+            "final score minus its base's (iql or calql) from the same checkpoint. Fidelity: mean ± std over every "
+            "refresh of every seed; state_mmd lower is closer to the online states, policy_loglik higher is closer "
+            "to the current policy, dynamics errors (in units of the data's std) lower is more faithful.")
+    text = f"{table}\n\n{chr(10).join(fidelity)}\n\n{note}\n"
+    print(text)
+    outputs = [log_dir] + ([Path(args.out)] if args.out else [])
+    for folder in outputs:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "finetune.md").write_text(text)
+        plot_curves(runs, pretrained, folder / "finetune.png")
+    print("wrote " + ", ".join(str(folder / "finetune.md") for folder in outputs) + " and finetune.png")
+    return 0
+
+
+def plot_curves(runs: Dict[tuple, Dict[int, Dict[str, Any]]], pretrained: Dict[tuple, Dict[int, Dict[str, Any]]],
+                path: Path) -> None:
+    """Score against online step, one panel per config, mean ± std over the seeds present at each step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({key for key, _ in runs})
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for (run_key, variant), seeds in sorted(runs.items()):
+            if run_key != key:
+                continue
+            base = VARIANTS[variant][1].removesuffix("_edis")
+            by_step: Dict[int, List[float]] = defaultdict(list)
+            for seed, run in seeds.items():
+                pretrain = pretrained.get((key, base), {}).get(seed)
+                if pretrain:  # online step 0: the checkpoint's own score
+                    by_step[0].append(pretrain["evaluations"][max(pretrain["evaluations"])])
+                for step, value in run["evaluations"].items():
+                    by_step[step - run["offline_iterations"]].append(value)
+            steps = sorted(by_step)
+            mean = np.array([np.mean(by_step[s]) for s in steps])
+            std = np.array([np.std(by_step[s]) for s in steps])
+            ax.plot(steps, mean, label=f"{variant} ({len(seeds)} seeds)")
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("online environment steps", fontsize=8)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("evaluation score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="pretrain once per config and seed, then fine-tune every variant")
+    run_parser.add_argument("--configs", nargs="+", required=True)
+    run_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    run_parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
+                            default=["iql", "iql_edis", "iql_edis_unguided", "iql_edis_reference"])
+    run_parser.add_argument("--log-dir", default="runs/finetune")
+    run_parser.add_argument("--threads-per-run", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    run_parser.add_argument("--workers", type=int, default=None, help="runs at a time (default: cores // threads)")
+    run_parser.add_argument("--print-commands", action="store_true", help="print the commands, run nothing")
+    run_parser.add_argument("--pretrain-only", action="store_true", help="stop after the pretraining runs")
+    run_parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run")
+    report_parser = sub.add_parser("report", help="table and learning curves of finished runs")
+    report_parser.add_argument("--log-dir", default="runs/finetune")
+    report_parser.add_argument("--out", default="", help="also write finetune.md and finetune.png here")
+    args = parser.parse_args()
+    if args.command == "run":
+        if args.threads_per_run < 1 or (args.workers is not None and args.workers < 1):
+            parser.error("--workers and --threads-per-run must be at least 1")
+        args.workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads_per_run)
+        args.extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+        try:
+            return run(args)
+        except Exception as error:  # a config that does not parse: the scripts' own one-line message
+            if type(error).__name__ != "UserError":
+                raise
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    return report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

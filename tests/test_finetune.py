@@ -1,0 +1,78 @@
+"""benchmarks/finetune.py: shared pretraining, variants that differ only online, the paired report."""
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+FINETUNE = ROOT / "benchmarks" / "finetune.py"
+
+
+def finetune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(FINETUNE), *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+
+
+def options(command: str) -> dict:
+    words = shlex.split(command)
+    return {words[i]: words[i + 1] for i in range(2, len(words) - 1) if words[i].startswith("--")}
+
+
+def test_variants_share_one_checkpoint_and_the_edis_algorithms_settings(tmp_path):
+    result = finetune("run", "--configs", "configs/cpu/hopper-medium-replay.yaml", "--seeds", "3", "--log-dir",
+                      str(tmp_path), "--print-commands", "--variants", "iql", "iql_edis", "iql_edis_unguided",
+                      "iql_edis_reference", "--", "--edis.num_samples", "77", "--n_episodes", "2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 5  # one pretraining run, four fine-tuning runs
+    pretrain, base, edis, unguided, reference = (options(line) for line in lines)
+    assert lines[0].startswith("python algorithms/iql.py") and pretrain["--online_iterations"] == "0"
+    # The base script runs with IQL-EDIS's settings from the config (beta 10, no reward normalisation).
+    for run in (pretrain, base):
+        assert (run["--beta"], run["--normalize_reward"], run["--n_episodes"]) == ("10.0", "false", "2")
+        assert "--edis.num_samples" not in run
+    checkpoint = str(tmp_path / "checkpoints" / "pretrain-iql--cpu__hopper-medium-replay--seed3" /
+                     "checkpoint_50000.pt")
+    for run in (base, edis, unguided, reference):
+        assert run["--load_model"] == checkpoint and run["--seed"] == "3"
+    for run in (edis, unguided, reference):
+        assert run["--edis.num_samples"] == "77" and "--beta" not in run  # the EDIS script reads its own section
+    assert unguided["--edis.guidance_state"] == unguided["--edis.guidance_policy"] == "0"
+    assert unguided["--edis.guidance_transition"] == "0"
+    assert reference["--edis.replay"] == "reference" and "--edis.replay" not in edis
+
+
+def write_run(folder: Path, scores: dict, offline_iterations: int, refreshes: list = ()) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"offline_iterations: {offline_iterations}\n")
+    (folder / "summary.json").write_text(json.dumps({"score_metric": "eval/normalized_score"}))
+    records = [{"step": step, "eval/normalized_score": score} for step, score in scores.items()]
+    records += [{"step": 1, "edis/generated": 10, **refresh} for refresh in refreshes]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+@pytest.mark.parametrize("with_out", [False, True])
+def test_report_pairs_each_variant_with_its_base_per_seed(tmp_path, with_out):
+    key = "cpu__hopper-medium-replay"
+    for seed, (offline, base, edis) in enumerate([(40.0, 50.0, 58.0), (44.0, 70.0, 74.0)]):
+        write_run(tmp_path / f"pretrain-iql--{key}--seed{seed}", {100: offline - 10, 200: offline}, 200)
+        write_run(tmp_path / f"iql--{key}--seed{seed}", {250: 1.0, 300: base}, 200)
+        write_run(tmp_path / f"iql_edis--{key}--seed{seed}", {250: 2.0, 300: edis}, 200,
+                  [{"edis/state_mmd_guided": 0.1 + seed, "edis/state_mmd_unguided": 0.3}])
+    (tmp_path / f"iql_edis_unguided--{key}--seed0").mkdir()  # unfinished: skipped and said so
+    out = tmp_path / "results"
+    result = finetune("report", "--log-dir", str(tmp_path), *(["--out", str(out)] if with_out else []))
+    assert result.returncode == 0, result.stderr
+    score_table = result.stdout.split("\n\n")[0]
+    rows = {line.split(" | ")[1]: line for line in score_table.splitlines() if line.startswith("| cpu/")}
+    assert "| 2 | 42.0 ± 2.0 | 60.0 ± 10.0 |" in rows["iql"]
+    # Paired changes: 58 - 50 = 8 and 74 - 70 = 4.
+    assert rows["iql_edis"].endswith("| 6.0 ± 2.0 (2 paired seeds) |")
+    assert "| state_mmd | 0.600 ± 0.500 | 0.300 ± 0.000 |" in result.stdout
+    assert "skipped iql_edis_unguided--cpu__hopper-medium-replay--seed0: no summary.json" in result.stdout
+    for folder in [tmp_path] + ([out] if with_out else []):
+        assert (folder / "finetune.md").is_file() and (folder / "finetune.png").stat().st_size > 0
