@@ -94,11 +94,11 @@ class EDISConfig:
     energy_epochs: int = 20  # passes over the positive buffer at each refresh
     energy_batch_size: int = 256  # positives per energy update
     energy_negatives: int = 10  # model samples that compete with each positive
-    negative_pool: int = 2_048  # sampler trajectories recorded per refresh; their states at every level are negatives
-    transition_pool: int = 2_048  # runs with (s, a) held at positives' (energy_negatives each): E_transition negatives
-    guidance_state: float = 2.0  # scale of E_state's guidance on the s block (0: off)
+    negative_pool: int = 8_192  # sampler trajectories recorded per refresh; their states at every level are negatives
+    transition_pool: int = 20_480  # runs with (s, a) held at positives' (energy_negatives each): E_transition negatives
+    guidance_state: float = 0.5  # scale of E_state's guidance on the s block (0: off); chosen by sweep, see README
     guidance_transition: float = 0.1  # scale of E_transition's guidance on the (r, s', done) block (0: off)
-    guidance_policy: float = 0.1  # scale of E_policy's guidance on the a block (0: off)
+    guidance_policy: float = 0.5  # scale of E_policy's guidance on the a block (0: off)
     guidance_clip: float = 1.0  # largest norm of each energy's shift of a denoised transition (standardised units)
     metric_samples: int = 1_000  # transitions per batch for the alignment metrics at each refresh
 

@@ -152,6 +152,11 @@ def write_outputs(result: Dict[str, Any], out: Path, name: str) -> None:
         return " | ".join(f"{metrics[key][0]:.4f} ± {metrics[key][1]:.4f}" for key, _ in METRICS)
 
     lines.append(f"| none | 0 | {cells(unguided)} | - | - |")
+    if "together" in result:
+        scales = result["together"]["scales"]
+        label = " / ".join(f"{scales[energy]:g}" for energy in ENERGIES)
+        lines.append(f"| all three (state / policy / transition) | {label} | {cells(result['together']['metrics'])} "
+                     "| - | - |")
     for energy in ENERGIES:
         for entry in result["sweep"][energy]:
             norm = entry.get("guidance_norm")
@@ -189,9 +194,12 @@ def main() -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", required=True, help="a pretrained IQL (or IQL-EDIS) checkpoint")
     parser.add_argument("--online-steps", type=int, default=5000, help="online transitions before the refresh")
-    parser.add_argument("--scales", nargs="+", type=float, default=[0.25, 0.5, 1.0, 2.0, 4.0])
+    parser.add_argument("--scales", nargs="*", type=float, default=[0.25, 0.5, 1.0, 2.0, 4.0],
+                        help="scales of the one-energy-at-a-time sweep (none: only unguided and --together)")
     parser.add_argument("--rows", type=int, default=2000, help="samples per batch")
     parser.add_argument("--repeats", type=int, default=2, help="batches per setting")
+    parser.add_argument("--together", nargs=3, type=float, metavar=("STATE", "POLICY", "TRANSITION"),
+                        help="also measure these three scales at once (for example the defaults)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algorithm-file", default=str(ROOT / "algorithms" / "iql_edis.py"))
     parser.add_argument("--name", default="", help="output name (default: the config's file name)")
@@ -226,6 +234,11 @@ def main() -> int:
                 result["sweep"][energy].append(entry)
                 print(f"{energy} {scale:g}: " + ", ".join(f"{k} {v[0]:.4f}±{v[1]:.4f}" for k, v in metrics.items()),
                       flush=True)
+        if args.together:
+            scales = dict(zip(ENERGIES, args.together, strict=True))
+            setup.edis.energies.reset_guidance_statistics()
+            result["together"] = {"scales": scales, "metrics": setup.measure(scales, args.rows, args.repeats),
+                                  "guidance": setup.edis.energies.guidance_statistics()}
         result["seconds"] = round(time.perf_counter() - started, 1)
     except Exception as error:
         if type(error).__name__ != "UserError":

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import ROOT
 
 FINETUNE = ROOT / "benchmarks" / "finetune.py"
@@ -55,8 +54,7 @@ def write_run(folder: Path, scores: dict, offline_iterations: int, refreshes: li
     (folder / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
-@pytest.mark.parametrize("with_out", [False, True])
-def test_report_pairs_each_variant_with_its_base_per_seed(tmp_path, with_out):
+def test_report_pairs_each_variant_with_its_base_per_seed(tmp_path):
     key = "cpu__hopper-medium-replay"
     for seed, (offline, base, edis) in enumerate([(40.0, 50.0, 58.0), (44.0, 70.0, 74.0)]):
         write_run(tmp_path / f"pretrain-iql--{key}--seed{seed}", {100: offline - 10, 200: offline}, 200)
@@ -65,7 +63,7 @@ def test_report_pairs_each_variant_with_its_base_per_seed(tmp_path, with_out):
                   [{"edis/state_mmd_guided": 0.1 + seed, "edis/state_mmd_unguided": 0.3}])
     (tmp_path / f"iql_edis_unguided--{key}--seed0").mkdir()  # unfinished: skipped and said so
     out = tmp_path / "results"
-    result = finetune("report", "--log-dir", str(tmp_path), *(["--out", str(out)] if with_out else []))
+    result = finetune("report", "--log-dir", str(tmp_path), "--out", str(out))
     assert result.returncode == 0, result.stderr
     score_table = result.stdout.split("\n\n")[0]
     rows = {line.split(" | ")[1]: line for line in score_table.splitlines() if line.startswith("| cpu/")}
@@ -74,5 +72,5 @@ def test_report_pairs_each_variant_with_its_base_per_seed(tmp_path, with_out):
     assert rows["iql_edis"].endswith("| 6.0 ± 2.0 (2 paired seeds) |")
     assert "| state_mmd | 0.600 ± 0.500 | 0.300 ± 0.000 |" in result.stdout
     assert "skipped iql_edis_unguided--cpu__hopper-medium-replay--seed0: no summary.json" in result.stdout
-    for folder in [tmp_path] + ([out] if with_out else []):
+    for folder in (tmp_path, out):
         assert (folder / "finetune.md").is_file() and (folder / "finetune.png").stat().st_size > 0
