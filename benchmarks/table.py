@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -124,6 +125,9 @@ def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: in
         if (log_dir / name / "summary.json").is_file():
             print(f"{name}: done before, skipped")
         else:
+            if (log_dir / name).is_dir():  # a run that died: it starts over, so its partial logs must not mix in
+                shutil.rmtree(log_dir / name)
+                print(f"{name}: an earlier attempt left no summary.json; starting it over")
             pending.append((name, command))
     environment = dict(os.environ, OMP_NUM_THREADS=str(threads_per_run), MKL_NUM_THREADS=str(threads_per_run))
     running: Dict[str, tuple] = {}

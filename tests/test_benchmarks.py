@@ -144,3 +144,18 @@ def test_slurm_script_runs_line_of_its_array_task(tmp_path):
         subprocess.run(["bash", str(script)], check=True, env=environment)
         ran = (tmp_path / "ran.txt").read_text().splitlines()
         assert shlex.split(ran[0]) == shlex.split(expected[task - 1]) and ran[1] == "4"
+
+
+def test_a_run_that_died_starts_over_without_its_partial_logs(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from table import run_jobs
+
+    stale = tmp_path / "job"
+    stale.mkdir()
+    (stale / "metrics.jsonl").write_text('{"step": 1, "stale": true}\n')
+    write = f"import pathlib; pathlib.Path({str(stale)!r}).mkdir(exist_ok=True); " \
+            f"(pathlib.Path({str(stale)!r}) / 'summary.json').write_text('{{}}')"
+    assert run_jobs([("job", ["python", "-c", write])], tmp_path, workers=1, threads_per_run=1) == 0
+    assert (stale / "summary.json").is_file() and not (stale / "metrics.jsonl").exists()
+    # Finished now: a second sweep skips it.
+    assert run_jobs([("job", ["python", "-c", "raise SystemExit(3)"])], tmp_path, workers=1, threads_per_run=1) == 0
