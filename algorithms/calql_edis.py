@@ -1770,11 +1770,11 @@ class EDIS:
                 rows = torch.randperm(len(positives), device=self.device)[:config.transition_pool
                                                                           // config.energy_negatives]
                 conditioned = positives[rows]
-                held = self.layout.block_masks(self.device)
+                masks = self.energies.masks
                 _, conditioned_trajectory = self.diffusion.sample(
                     len(rows) * config.energy_negatives, record=True,
                     known=conditioned.repeat_interleave(config.energy_negatives, 0),
-                    known_mask=held["state"] + held["policy"])
+                    known_mask=masks["state"] + masks["policy"])
         levels = self.diffusion.guidance_levels()
         sampling_seconds = time.perf_counter() - start
         start = time.perf_counter()

@@ -111,36 +111,37 @@ def checkpoint_of(log_dir: Path, key: str, base: str, seed: int, offline_iterati
 
 
 def plan(args: argparse.Namespace) -> tuple:
-    modules = {name: load_module(name) for name in {part for v in args.variants for part in VARIANTS[v][:2]}
-               | {VARIANTS[v][1].removesuffix("_edis") for v in args.variants}}
+    """(pretraining jobs, fine-tuning jobs): one pretraining run per config, family and seed."""
+    families = sorted({VARIANTS[variant][1] for variant in args.variants})  # iql_edis and/or calql_edis
+    modules = {name: load_module(name) for family in families for name in (family, family.removesuffix("_edis"))}
+    base_extra = without_edis_options(args.extra)
     pretraining, finetuning = [], []
     for config in args.configs:
         if not Path(config).is_file():
             sys.exit(f"error: config not found: {config}")
         key = config_key(config)
-        overrides = {}
-        for variant in args.variants:
-            script, edis_algorithm, extra = VARIANTS[variant]
-            base = edis_algorithm.removesuffix("_edis")
-            if base not in overrides:
-                overrides[base] = base_overrides(config, base, edis_algorithm, modules)
+        for family in families:
+            base = family.removesuffix("_edis")
+            overrides = base_overrides(config, base, family, modules)
             for seed in args.seeds:
                 name = pretrain_name(key, base, seed)
                 command = ["python", f"algorithms/{base}.py", "--config", config, "--seed", str(seed),
                            "--online_iterations", "0", "--name", name, "--log_dir", args.log_dir,
-                           "--checkpoints_path", str(Path(args.log_dir) / "checkpoints"), *overrides[base],
-                           *without_edis_options(args.extra)]
-                if all(job[0] != name for job in pretraining):
-                    pretraining.append((name, command))
+                           "--checkpoints_path", str(Path(args.log_dir) / "checkpoints"), *overrides, *base_extra]
+                pretraining.append((name, command))
                 module = modules[base]
                 offline_iterations = module.parse_config(module.TrainConfig, module.CONFIG_SECTIONS,
                                                          command[2:]).offline_iterations
                 checkpoint = checkpoint_of(Path(args.log_dir), key, base, seed, offline_iterations)
-                own = [*overrides[base], *without_edis_options(args.extra)] if script == base else args.extra
-                finetuning.append((finetune_name(variant, key, seed), checkpoint, [
-                    "python", f"algorithms/{script}.py", "--config", config, "--seed", str(seed), "--name",
-                    finetune_name(variant, key, seed), "--log_dir", args.log_dir, *own, *extra,
-                    "--load_model", str(checkpoint)]))
+                for variant in args.variants:
+                    script, variant_family, extra = VARIANTS[variant]
+                    if variant_family != family:
+                        continue
+                    own = [*overrides, *base_extra] if script == base else args.extra
+                    finetuning.append((finetune_name(variant, key, seed), checkpoint, [
+                        "python", f"algorithms/{script}.py", "--config", config, "--seed", str(seed), "--name",
+                        finetune_name(variant, key, seed), "--log_dir", args.log_dir, *own, *extra,
+                        "--load_model", str(checkpoint)]))
     return pretraining, finetuning
 
 

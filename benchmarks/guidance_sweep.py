@@ -46,7 +46,10 @@ def load_module(path: Path) -> Any:
 
 def simulator_errors(env: Any, states: np.ndarray, actions: np.ndarray, next_states: np.ndarray,
                      rewards: np.ndarray) -> tuple:
-    """Per row: squared s' error (mean over dimensions) and |r error| against the MuJoCo simulator."""
+    """Per row: the s' and r errors against the MuJoCo simulator.
+
+    Kept here rather than taken from the algorithm file, so that every --algorithm-file version is
+    measured by the same code (older versions compute their metrics differently)."""
     base = env.unwrapped
     env.reset(seed=0)
     nq = base.model.nq
