@@ -110,25 +110,32 @@ def checkpoint_of(log_dir: Path, key: str, base: str, seed: int, offline_iterati
     return log_dir / "checkpoints" / pretrain_name(key, base, seed) / f"checkpoint_{offline_iterations}.pt"
 
 
-def plan(args: argparse.Namespace) -> tuple:
-    """(pretraining jobs, fine-tuning jobs): one pretraining run per config, family and seed."""
+def plan(args: argparse.Namespace) -> List[tuple]:
+    """(name, command, needs) jobs: one pretraining run per config, family and seed, then the fine-tuning runs
+    that load its checkpoint (`needs` names that pretraining run; None for a pretraining run).
+
+    Seed-major order: a sweep cut short leaves whole seeds (every config and variant), not whole configs.
+    """
     families = sorted({VARIANTS[variant][1] for variant in args.variants})  # iql_edis and/or calql_edis
     modules = {name: load_module(name) for family in families for name in (family, family.removesuffix("_edis"))}
     base_extra = without_edis_options(args.extra)
-    pretraining, finetuning = [], []
     for config in args.configs:
         if not Path(config).is_file():
             sys.exit(f"error: config not found: {config}")
-        key = config_key(config)
-        for family in families:
-            base = family.removesuffix("_edis")
-            overrides = base_overrides(config, base, family, modules)
-            for seed in args.seeds:
-                name = pretrain_name(key, base, seed)
+    overrides_of = {(config, family): base_overrides(config, family.removesuffix("_edis"), family, modules)
+                    for config in args.configs for family in families}
+    jobs = []
+    for seed in args.seeds:
+        for config in args.configs:
+            key = config_key(config)
+            for family in families:
+                base = family.removesuffix("_edis")
+                overrides = overrides_of[(config, family)]
+                pretraining = pretrain_name(key, base, seed)
                 command = ["python", f"algorithms/{base}.py", "--config", config, "--seed", str(seed),
-                           "--online_iterations", "0", "--name", name, "--log_dir", args.log_dir,
+                           "--online_iterations", "0", "--name", pretraining, "--log_dir", args.log_dir,
                            "--checkpoints_path", str(Path(args.log_dir) / "checkpoints"), *overrides, *base_extra]
-                pretraining.append((name, command))
+                jobs.append((pretraining, command, None))
                 module = modules[base]
                 offline_iterations = module.parse_config(module.TrainConfig, module.CONFIG_SECTIONS,
                                                          command[2:]).offline_iterations
@@ -138,35 +145,27 @@ def plan(args: argparse.Namespace) -> tuple:
                     if variant_family != family:
                         continue
                     own = [*overrides, *base_extra] if script == base else args.extra
-                    finetuning.append((finetune_name(variant, key, seed), checkpoint, [
-                        "python", f"algorithms/{script}.py", "--config", config, "--seed", str(seed), "--name",
-                        finetune_name(variant, key, seed), "--log_dir", args.log_dir, *own, *extra,
-                        "--load_model", str(checkpoint)]))
-    return pretraining, finetuning
+                    name = finetune_name(variant, key, seed)
+                    jobs.append((name, ["python", f"algorithms/{script}.py", "--config", config, "--seed", str(seed),
+                                        "--name", name, "--log_dir", args.log_dir, *own, *extra,
+                                        "--load_model", str(checkpoint)], pretraining))
+    return jobs
 
 
 def run(args: argparse.Namespace) -> int:
-    pretraining, finetuning = plan(args)
-    log_dir = Path(args.log_dir)
+    jobs = plan(args)
+    if args.pretrain_only:
+        jobs = [job for job in jobs if job[2] is None]
     if args.print_commands:
-        for _, command in pretraining:
-            print(shlex.join(command))
-        for _, _, command in finetuning:
+        for _, command, _ in jobs:
             print(shlex.join(command))
         return 0
-    print(f"pretraining: {len(pretraining)} run(s)")
-    code = run_jobs(pretraining, log_dir, args.workers, args.threads_per_run)
-    if args.pretrain_only:
-        return code
-    jobs = []
-    for name, checkpoint, command in finetuning:
-        if checkpoint.is_file():
-            jobs.append((name, command))
-        else:
-            print(f"{name}: skipped, its pretraining run left no checkpoint {checkpoint}")
-            code = 1
-    print(f"fine-tuning: {len(jobs)} run(s)")
-    return max(code, run_jobs(jobs, log_dir, args.workers, args.threads_per_run))
+    pretraining = sum(need is None for _, _, need in jobs)
+    print(f"pretraining: {pretraining} run(s), fine-tuning: {len(jobs) - pretraining} run(s)")
+    # One queue: each fine-tuning run starts as soon as its own pretraining run has finished.
+    needs = {name: need for name, _, need in jobs if need is not None}
+    return run_jobs([(name, command) for name, command, _ in jobs], Path(args.log_dir), args.workers,
+                    args.threads_per_run, needs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,11 +114,15 @@ def run(args: argparse.Namespace) -> int:
     return run_jobs(jobs, Path(args.log_dir), args.workers, args.threads_per_run)
 
 
-def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: int) -> int:
+def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: int,
+             needs: Optional[Dict[str, str]] = None) -> int:
     """Runs (name, command) jobs, `workers` at a time; a job whose log_dir/name/summary.json exists is skipped.
 
-    Each run's output goes to log_dir/name.log; failures are listed at the end. Returns the exit code.
+    `needs` maps a job to the job it waits for (a fine-tuning run on its pretraining run): it starts as soon as
+    that one has finished, and fails without starting if that one failed. Each run's output goes to
+    log_dir/name.log; failures are listed at the end. Returns the exit code.
     """
+    needs = needs or {}
     log_dir.mkdir(parents=True, exist_ok=True)
     pending = []
     for name, command in jobs:
@@ -132,12 +136,25 @@ def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: in
     environment = dict(os.environ, OMP_NUM_THREADS=str(threads_per_run), MKL_NUM_THREADS=str(threads_per_run))
     running: Dict[str, tuple] = {}
     failures: List[tuple] = []
+    failed: set = set()
     total, started_sweep = len(pending), time.time()
     print(f"{total} run(s) to do, {workers} at a time, {threads_per_run} thread(s) each", flush=True)
     try:
         while pending or running:
-            while pending and len(running) < workers:
-                name, command = pending.pop(0)
+            for job in list(pending):
+                if len(running) >= workers:
+                    break
+                name, command = job
+                need = needs.get(name)
+                if need in failed:
+                    pending.remove(job)
+                    failed.add(name)
+                    failures.append((name, None, f"not started: {need} failed"))
+                    print(f"[{total - len(pending) - len(running)}/{total}] {name}: not started, {need} failed")
+                    continue
+                if need in running or any(need == other for other, _ in pending):
+                    continue  # waits for the job it needs; a later job may start instead
+                pending.remove(job)
                 log = open(log_dir / f"{name}.log", "w")
                 process = subprocess.Popen([sys.executable, *command[1:]], stdout=log, stderr=subprocess.STDOUT,
                                            cwd=ROOT, env=environment)
@@ -155,6 +172,7 @@ def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: in
                 else:
                     error = last_error_line(log_dir / f"{name}.log")
                     failures.append((name, process.returncode, error))
+                    failed.add(name)
                     print(f"[{done}/{total}] {name}: failed (exit {process.returncode})", flush=True)
     except KeyboardInterrupt:
         for process, log, _ in running.values():
@@ -164,7 +182,10 @@ def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: in
         return 130
     print(f"{total - len(failures)} of {total} run(s) finished in {time.time() - started_sweep:.0f} s")
     for name, code, error in failures:
-        print(f"failed: {name} (exit {code}): {error}  [log: {log_dir / (name + '.log')}]")
+        if code is None:
+            print(f"failed: {name}: {error}")
+        else:
+            print(f"failed: {name} (exit {code}): {error}  [log: {log_dir / (name + '.log')}]")
     return 1 if failures else 0
 
 

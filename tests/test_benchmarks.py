@@ -159,3 +159,27 @@ def test_a_run_that_died_starts_over_without_its_partial_logs(tmp_path):
     assert (stale / "summary.json").is_file() and not (stale / "metrics.jsonl").exists()
     # Finished now: a second sweep skips it.
     assert run_jobs([("job", ["python", "-c", "raise SystemExit(3)"])], tmp_path, workers=1, threads_per_run=1) == 0
+
+
+def test_a_job_waits_for_the_job_it_needs_and_is_not_started_when_that_failed(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from table import run_jobs
+
+    order = tmp_path / "order.txt"
+
+    def job(name: str, code: int = 0, seconds: float = 0.0) -> tuple:
+        script = (f"import time, pathlib; time.sleep({seconds}); "
+                  f"open({str(order)!r}, 'a').write({name!r} + '\\n'); "
+                  f"pathlib.Path({str(tmp_path / name)!r}).mkdir(); "
+                  f"(pathlib.Path({str(tmp_path / name)!r}) / 'summary.json').write_text('{{}}'); "
+                  f"raise SystemExit({code})")
+        return name, ["python", "-c", script]
+
+    jobs = [job("pretrain", seconds=1.0), job("finetune"), job("broken", code=2), job("after_broken"),
+            job("independent")]
+    needs = {"finetune": "pretrain", "after_broken": "broken"}
+    assert run_jobs(jobs, tmp_path, workers=2, threads_per_run=1, needs=needs) == 1
+    ran = order.read_text().split()
+    # "finetune" waited for "pretrain" while the jobs after it went ahead; "after_broken" never ran.
+    assert ran.index("finetune") > ran.index("pretrain") and "after_broken" not in ran
+    assert sorted(ran) == ["broken", "finetune", "independent", "pretrain"]
