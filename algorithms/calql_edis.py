@@ -142,6 +142,7 @@ class TrainConfig:
     offline_eval_freq: int = 50_000  # evaluate every this many offline updates (and at the end of pretraining)
     eval_freq: int = 5_000  # evaluate every this many online steps (and at the end of the run)
     n_episodes: int = 10  # episodes per evaluation
+    eval_envs: int = 10  # evaluation episodes run side by side (one batched policy call per step)
     log_freq: int = 1_000  # log training losses every this many updates
     batch_size: int = 256  # transitions per gradient update
     buffer_size: int = 2_000_000  # capacity of the offline buffer and of the online buffer
@@ -362,9 +363,9 @@ def check_range(
 
 
 def validate_common_config(config: Any) -> None:
-    for name in ("offline_iterations", "online_iterations", "n_episodes"):
+    for name in ("offline_iterations", "online_iterations"):
         check_range(config, name, 0, math.inf)
-    for name in ("offline_eval_freq", "eval_freq", "log_freq", "batch_size", "buffer_size"):
+    for name in ("n_episodes", "eval_envs", "offline_eval_freq", "eval_freq", "log_freq", "batch_size", "buffer_size"):
         check_range(config, name, 1, math.inf)
     if config.offline_iterations + config.online_iterations == 0 and not config.load_model:
         raise UserError("offline_iterations and online_iterations are both 0: nothing to do")
@@ -376,9 +377,12 @@ def validate_common_config(config: Any) -> None:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device = {name!r} but CUDA is not available here; use --device cpu")
+    if name.startswith("cuda"):  # TF32 matmuls: several times the float32 rate, ample precision for these MLPs
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
 
 
@@ -1628,9 +1632,10 @@ class CalQL:
     @torch.no_grad()
     def act(self, state: np.ndarray, explore: bool) -> np.ndarray:
         """Evaluation: tanh of the mean. Exploration: a sample of the policy."""
-        states = torch.as_tensor(state, dtype=torch.float32, device=self.device)[None]
+        states = torch.atleast_2d(torch.as_tensor(state, dtype=torch.float32, device=self.device))
         action, _ = self.actor(states, deterministic=not explore)
-        return action[0].cpu().numpy()
+        action = action.cpu().numpy()
+        return action[0] if np.ndim(state) == 1 else action
 
     @torch.no_grad()
     def sample_actions(self, states: torch.Tensor) -> torch.Tensor:
@@ -1834,20 +1839,48 @@ class EDIS:
 
 
 # ==== BEGIN SHARED: evaluation ====
-def evaluate(env: gym.Env, act: Callable[[np.ndarray], np.ndarray], info: DatasetInfo, n_episodes: int,
-             seed: int) -> Dict[str, float]:
-    """Mean return over n_episodes (seeded once, so the same seed gives the same episodes)."""
-    returns, successes = [], []
-    for episode in range(n_episodes):
-        state, _ = env.reset(seed=seed if episode == 0 else None)
-        episode_return, success, done = 0.0, False, False
-        while not done:
-            state, reward, terminated, truncated, env_info = env.step(act(state))
-            episode_return += float(reward)
-            success |= bool(env_info.get("success", env_info.get("goal_achieved", False)))
-            done = terminated or truncated
-        returns.append(episode_return)
-        successes.append(float(success))
+def make_eval_envs(info: DatasetInfo, state_mean: np.ndarray, state_std: np.ndarray, count: int,
+                   seed: int) -> gym.vector.VectorEnv:
+    """`count` evaluation envs side by side: one batched policy call per step serves all of them.
+
+    Every copy is built with the same seed (an AntMaze goal is drawn once per env, as in D4RL);
+    episodes differ by their reset seeds. Resets are ours (autoreset off), so that each step's
+    info belongs to the episode that took it.
+    """
+    def make() -> gym.Env:
+        return NormalizeState(make_env(info, seed=seed), state_mean, state_std)
+
+    return gym.vector.SyncVectorEnv([make] * count, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+
+
+def evaluate(envs: gym.vector.VectorEnv, act: Callable[[np.ndarray], np.ndarray], info: DatasetInfo,
+             n_episodes: int, seed: int) -> Dict[str, float]:
+    """Mean return over n_episodes, run side by side in `envs` (each copy takes its share in turn).
+
+    Seeded once, so the same seed gives the same episodes. A copy that has run its share keeps
+    stepping (a vector env steps all copies) but its episodes are not counted.
+    """
+    count = envs.num_envs
+    share = np.array([n_episodes // count + (i < n_episodes % count) for i in range(count)])
+    states, _ = envs.reset(seed=seed)
+    running, succeeded = np.zeros(count), np.zeros(count, dtype=bool)
+    returns: List[float] = []
+    successes: List[float] = []
+    while share.any():
+        states, rewards, terminated, truncated, step_info = envs.step(act(states))
+        running += rewards
+        for key in ("success", "goal_achieved"):
+            if key in step_info:
+                succeeded |= np.asarray(step_info[key], dtype=bool) & step_info[f"_{key}"]
+        done = terminated | truncated
+        counted = done & (share > 0)
+        returns.extend(running[counted].tolist())
+        successes.extend(succeeded[counted].astype(float).tolist())
+        share -= counted
+        if done.any():
+            reset_states, _ = envs.reset(options={"reset_mask": done})
+            states = np.where(done[:, None], reset_states, states)
+            running[done], succeeded[done] = 0.0, False
     metrics = {"eval/return": float(np.mean(returns)), "eval/return_std": float(np.std(returns))}
     if info.has_reference:
         metrics["eval/normalized_score"] = info.normalized_score(metrics["eval/return"])
@@ -1963,14 +1996,16 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     device = resolve_device(config.device)
     set_seed(config.seed)
     data, info = load_dataset(config.dataset, config.env)
-    env, eval_env = make_env(info, seed=config.seed), make_env(info, seed=config.eval_seed)
+    env = make_env(info, seed=config.seed)
     check_dataset_matches_env(data, env, info)
     max_steps = max_episode_steps_of(env)
     reward_scale, reward_bias = reward_transform(data, info, config.normalize_reward, config.reward_scale,
                                                  config.reward_bias, max_steps)
     state_mean, state_std = state_statistics(data["observations"], config.normalize)
     fidelity_env = make_env(info, seed=config.seed)
-    env, eval_env = NormalizeState(env, state_mean, state_std), NormalizeState(eval_env, state_mean, state_std)
+    env = NormalizeState(env, state_mean, state_std)
+    eval_envs = make_eval_envs(info, state_mean, state_std, min(config.eval_envs, config.n_episodes),
+                               config.eval_seed)
     state_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     max_action = float(env.action_space.high[0])
 
@@ -2047,7 +2082,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             if episode_log is not None:
                 logger.log({**episode_log, "env_steps": collector.env_steps}, step, phase)
             if evaluation_due(step, config):
-                metrics = evaluate(eval_env, lambda s: agent.act(s, explore=False), info, config.n_episodes,
+                metrics = evaluate(eval_envs, lambda s: agent.act(s, explore=False), info, config.n_episodes,
                                    config.eval_seed)
                 logger.log(metrics, step, phase)
                 postfix[score_key.split("/")[1]] = f"{metrics[score_key]:.1f}"
@@ -2061,7 +2096,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     finally:
         progress.close()
         env.close()
-        eval_env.close()
+        eval_envs.close()
         fidelity_env.close()
     run_end = time.perf_counter()
     offline_seconds = (online_start or run_end) - run_start
