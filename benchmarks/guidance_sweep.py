@@ -63,7 +63,8 @@ def simulator_errors(env: Any, states: np.ndarray, actions: np.ndarray, next_sta
 class Setup:
     """The pieces of an IQL-EDIS run at its first refresh, built with the algorithm file's own code."""
 
-    def __init__(self, module: Any, args: argparse.Namespace):
+    def __init__(self, module: Any, args: argparse.Namespace, refresh: bool = True):
+        """refresh=False stops before the diffusion fit: the caller fits the model its own way."""
         config = module.parse_config(module.TrainConfig, module.CONFIG_SECTIONS,
                                      ["--config", args.config, "--device", "cpu", *args.options])
         config.edis.guidance_state = config.edis.guidance_policy = config.edis.guidance_transition = 1.0
@@ -96,15 +97,17 @@ class Setup:
         env.close()
         self.edis = module.EDIS(config.edis, state_dim, action_dim, self.max_action, device, self.simulator,
                                 self.state_mean, self.state_std, self.reward_scale, self.reward_bias)
+        raw_next = self.offline["next_states"].numpy() * self.state_std + self.state_mean
+        self.next_state_std = raw_next.std(0) + 1e-6
+        self.reward_std = float(data["rewards"].std()) + 1e-6
+        if not refresh:
+            return
         start = time.perf_counter()
         empty = module.ReplayBuffer(1, columns, device)
         if not config.edis.retrain_from_scratch:
             self.edis.refresh(self.offline, empty, self.agent)  # the fit at online start
         self.refresh_log = self.edis.refresh(self.offline, self.online, self.agent)
         self.refresh_seconds = time.perf_counter() - start
-        raw_next = self.offline["next_states"].numpy() * self.state_std + self.state_mean
-        self.next_state_std = raw_next.std(0) + 1e-6
-        self.reward_std = float(data["rewards"].std()) + 1e-6
 
     def measure(self, scales: Dict[str, float], rows: int, repeats: int) -> Dict[str, Any]:
         """Metrics of `repeats` batches of `rows` samples at these guidance scales (all 0: unguided)."""

@@ -1,91 +1,59 @@
-"""Speed: ms per gradient update of each algorithm, EDIS's denoiser (fp32 and bf16), env steps per second.
+"""Speed: what the four algorithm files cost, and what an EDIS refresh costs under the public code's
+settings and under ours, beside the fidelity of both settings' samples.
 
-    python benchmarks/speed.py                      # CPU, batch 256, Hopper sizes
-    python benchmarks/speed.py --device cuda --updates 2000
-    python benchmarks/speed.py --denoisers 256x3 1024x6 --algorithms --envs
+    python benchmarks/speed.py costs                 # per-call costs -> refresh cost model, updates/s, evaluation
+    python benchmarks/speed.py costs --device cuda   # the same on a GPU
+    python benchmarks/speed.py fidelity --config configs/cpu/hopper-medium-replay.yaml \\
+        --checkpoint runs/finetune/checkpoints/pretrain-iql--cpu__hopper-medium-replay--seed0/checkpoint_50000.pt
+    python benchmarks/speed.py online --log-dir runs/finetune   # online phase of each EDIS variant against its base
+    python benchmarks/speed.py report                # benchmarks/results/speed.md from the measurements
 
-Updates run on random transitions with the sizes of the chosen env (the cost of an update does
-not depend on the data); the default configs of each file are used (Cal-QL: 10 sampled actions,
-2 hidden critic layers). Each number is the median of --repeats timed blocks, after a warm-up.
+`costs` times each piece on random data of the chosen sizes (Hopper-v5 and AdroitHandPen-v1
+observation/action sizes), medians over --repeats blocks after a warm-up, one process. A refresh
+is then priced from those per-call costs and the number of calls each setting makes:
+
+    reference  the public EDIS code: a new denoiser trained from scratch for its step count, 128
+               Heun steps, 100k samples, energy negatives drawn by re-running the sampler from
+               sigma_max down to each negative's level, three guidance backward passes per call
+    ours       EDISConfig's defaults: warm start, refresh_fit_steps, sample_steps, negatives read
+               from one recorded sampler trajectory, one backward pass for all three energies
+
+`fidelity` rebuilds an IQL-EDIS refresh from a checkpoint (benchmarks/guidance_sweep.py's Setup),
+fits the denoiser both ways at the config's network size, and measures each setting's samples
+(state MMD, policy log-likelihood, dynamics error), the sampler-step curve and bf16. Each command
+writes benchmarks/results/speed-<part>[-<name>].json; `report` assembles speed.md, ratios first.
 """
 
 import argparse
 import importlib.util
+import json
+import math
+import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SIZES = {"Hopper": "Hopper-v5", "Pen": "AdroitHandPen-v1"}
+FILES = {"iql": "ImplicitQLearning", "calql": "CalQL", "iql_edis": "ImplicitQLearning", "calql_edis": "CalQL"}
+# The public code's refresh (github.com/liuxhym/EDIS): IQL-EDIS retrains for 30k steps on hopper-medium-replay and
+# pen-human (50k on some AntMaze tasks, 10k in Cal-QL-EDIS); 20 energy "epochs" of one batch each per energy.
+REFERENCE = {"fit_steps": 30_000, "sample_steps": 128, "num_samples": 100_000, "energy_updates": 20}
 
 
 def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "algorithms" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"speed_{name}", ROOT / "algorithms" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-AGENTS = {"iql": "ImplicitQLearning", "calql": "CalQL"}
-
-
-def time_updates(name: str, env_id: str, device: torch.device, batch_size: int, updates: int, repeats: int) -> float:
-    """Median milliseconds per update."""
-    module = load(name)
-    env = module.make_env(module.DatasetInfo("speed", env_id, module.domain_of(env_id)))
-    state_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    config = module.TrainConfig(batch_size=batch_size, device=str(device))
-    agent = getattr(module, AGENTS[name])(config, state_dim, action_dim, 1.0, device)
-    columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1}
-    if name == "calql":
-        columns["mc_returns"] = 1
-    buffer = module.ReplayBuffer(10_000, columns, device)
-    rng = np.random.default_rng(0)
-    buffer.add_batch(**{key: rng.uniform(-1, 1, (10_000, width)).astype(np.float32) for key, width in columns.items()})
-    for _ in range(20):
-        agent.update(buffer.sample(batch_size))
-    timings = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(updates):
-            agent.update(buffer.sample(batch_size))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append((time.perf_counter() - start) / updates * 1000)
-    return statistics.median(timings)
-
-
-def time_denoiser(size: str, bf16: bool, env_id: str, device: torch.device, batch_size: int, updates: int,
-                  repeats: int) -> tuple:
-    """(ms per denoiser training step at batch_size, microseconds per sample per denoiser call at batch 1000)."""
-    module = load("iql_edis")
-    width, blocks = (int(part) for part in size.split("x"))
-    env = module.make_env(module.DatasetInfo("speed", env_id, module.domain_of(env_id)))
-    layout = module.TransitionLayout(env.observation_space.shape[0], env.action_space.shape[0], False)
-    config = module.EDISConfig(width=width, blocks=blocks, bf16=bf16, batch_size=batch_size)
-    diffusion = module.TransitionDiffusion(layout.dim, config, device)
-    data = torch.randn(10_000, layout.dim, device=device)
-    diffusion.fit(data, 5)
-    train_ms, sample_us = [], []
-    x, sigma = torch.randn(1000, layout.dim, device=device), torch.full((1000,), 0.5, device=device)
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        diffusion.fit(data, updates)
-        synchronize(device)
-        train_ms.append((time.perf_counter() - start) / updates * 1000)
-        with torch.no_grad():
-            start = time.perf_counter()
-            for _ in range(10):
-                diffusion.denoise(x, sigma)
-            synchronize(device)
-        sample_us.append((time.perf_counter() - start) / 10 / 1000 * 1e6)
-    return statistics.median(train_ms), statistics.median(sample_us)
 
 
 def synchronize(device: torch.device) -> None:
@@ -93,53 +61,425 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def env_steps_per_second(env_id: str, steps: int = 5000) -> float:
+def median_seconds(work: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock of `work` over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        work()
+    timings = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        work()
+        synchronize(device)
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def env_sizes(module: ModuleType, env_id: str) -> tuple:
+    env = module.make_env(module.DatasetInfo("speed", env_id, module.domain_of(env_id)))
+    return env.observation_space.shape[0], env.action_space.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# costs: updates, refresh pieces, evaluation
+# ---------------------------------------------------------------------------------------------
+def time_updates(name: str, state_dim: int, action_dim: int, device: torch.device, updates: int,
+                 repeats: int) -> Dict[str, float]:
+    """Updates per second, offline (one buffer) and online (the file's online batch: two buffers mixed)."""
+    module = load(name)
+    config = module.TrainConfig(device=str(device))
+    agent = getattr(module, FILES[name])(config, state_dim, action_dim, 1.0, device)
+    columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1}
+    if name.startswith("calql"):
+        columns["mc_returns"] = 1
+    rng = np.random.default_rng(0)
+    buffers = []
+    for _ in range(2):
+        buffer = module.ReplayBuffer(20_000, columns, device)
+        buffer.add_batch(**{key: rng.uniform(-1, 1, (20_000, width)).astype(np.float32)
+                            for key, width in columns.items()})
+        buffers.append(buffer)
+    half = config.batch_size // 2
+
+    def offline() -> None:
+        for _ in range(updates):
+            agent.update(buffers[0].sample(config.batch_size))
+
+    def online() -> None:
+        for _ in range(updates):
+            if name == "iql":  # CORL's IQL: one buffer that holds offline and online rows
+                batch = buffers[0].sample(config.batch_size)
+            else:  # Cal-QL: offline + online; the EDIS files: generated + online
+                first, second = buffers[0].sample(half), buffers[1].sample(config.batch_size - half)
+                batch = {key: torch.cat([first[key], second[key]]) for key in first}
+            agent.update(batch)
+
+    return {phase: updates / median_seconds(work, device, repeats)
+            for phase, work in (("offline", offline), ("online", online))}
+
+
+def time_refresh_pieces(state_dim: int, action_dim: int, device: torch.device, rows: int, fit_steps: int,
+                        repeats: int, bf16: bool, width: int, blocks: int) -> Dict[str, float]:
+    """Per-call costs of the refresh with a width x blocks denoiser and EDISConfig's energies (seconds)."""
+    module = load("iql_edis")
+    config = module.EDISConfig(bf16=bf16, width=width, blocks=blocks, guidance_state=1.0, guidance_policy=1.0,
+                               guidance_transition=1.0)
+    layout = module.TransitionLayout(state_dim, action_dim, config.include_terminal)
+    diffusion = module.TransitionDiffusion(layout.dim, config, device)
+    energies = module.TransitionEnergies(layout, config, device)
+    data = torch.randn(20_000, layout.dim, device=device)
+    x = torch.randn(rows, layout.dim, device=device)
+    sigma = torch.full((rows,), 0.5, device=device)
+    costs = {"fit_step": median_seconds(lambda: diffusion.fit(data, fit_steps), device, repeats) / fit_steps}
+    with torch.no_grad():
+        costs["denoise_row"] = median_seconds(lambda: diffusion.denoise(x, sigma), device, repeats) / rows
+        costs["guidance_joint_row"] = median_seconds(lambda: energies.guidance(x, sigma), device, repeats) / rows
+
+    def separate() -> torch.Tensor:  # the reference: one backward pass per energy
+        shift = torch.zeros_like(x)
+        for name in energies.active:
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_(True)
+                (gradient,) = torch.autograd.grad(energies.networks[name](leaf, sigma).sum(), leaf)
+            shift = shift + energies.masks[name] * gradient
+        return shift
+
+    with torch.no_grad():
+        costs["guidance_separate_row"] = median_seconds(separate, device, repeats) / rows
+    positives = torch.randn(2 * config.energy_batch_size, layout.dim, device=device)
+    trajectory = torch.randn(8, 2048, layout.dim, device=device)
+    levels = torch.linspace(0.01, 10, 8, device=device)
+    conditioned = positives[:64]
+    conditioned_trajectory = torch.randn(8, 64 * config.energy_negatives, layout.dim, device=device)
+    per_call = median_seconds(lambda: energies.train(positives, positives, trajectory, levels, 1, conditioned,
+                                                     conditioned_trajectory), device, repeats)
+    costs["energy_update"] = per_call / 2 / len(energies.active)  # 2 batches x 3 energies per call
+    return costs
+
+
+def refresh_model(costs: Dict[str, float], config: Any) -> Dict[str, Dict[str, float]]:
+    """Seconds per refresh, split in four, for the reference's settings and for ours (EDISConfig defaults)."""
+    energies = 3
+    batch_rows = config.energy_batch_size * config.energy_negatives
+
+    def calls(steps: int) -> int:  # denoiser calls per sample: a Heun step costs two, the last one
+        return 2 * steps - 1
+
+    ref_calls = calls(REFERENCE["sample_steps"])
+    reference = {
+        "diffusion training": REFERENCE["fit_steps"] * costs["fit_step"],
+        "energy training": energies * REFERENCE["energy_updates"] * costs["energy_update"],
+        # every negative is a fresh sampler run from sigma_max down to its level: (L + 1) / 2 calls on average
+        "negative sampling": energies * REFERENCE["energy_updates"] * batch_rows * (ref_calls + 1) / 2
+        * costs["denoise_row"],
+        "guided sampling": REFERENCE["num_samples"] * ref_calls
+        * (costs["denoise_row"] + costs["guidance_separate_row"]),
+    }
+    our_calls = calls(config.sample_steps)
+    updates_per_energy = config.energy_epochs * math.ceil(config.positive_buffer_size / config.energy_batch_size)
+    ours = {
+        "diffusion training": config.refresh_fit_steps * costs["fit_step"],
+        "energy training": energies * updates_per_energy * costs["energy_update"],
+        "negative sampling": (config.negative_pool + config.transition_pool) * our_calls * costs["denoise_row"],
+        "guided sampling": config.num_samples * our_calls * (costs["denoise_row"] + costs["guidance_joint_row"]),
+    }
+    return {"reference": reference, "ours": ours}
+
+
+def time_evaluation(env_id: str, episodes: int, copies: List[int], repeats: int) -> Dict[str, float]:
+    """Seconds for `episodes` evaluation episodes of an (untrained) IQL policy, per number of side-by-side copies."""
     module = load("iql")
-    env = module.make_env(module.DatasetInfo("speed", env_id, module.domain_of(env_id)), seed=0)
-    env.reset(seed=0)
-    env.action_space.seed(0)
-    start = time.perf_counter()
-    for _ in range(steps):
-        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
-        if terminated or truncated:
-            env.reset()
-    return steps / (time.perf_counter() - start)
+    info = module.DatasetInfo("speed", env_id, module.domain_of(env_id))
+    state_dim, action_dim = env_sizes(module, env_id)
+    agent = module.ImplicitQLearning(module.TrainConfig(), state_dim, action_dim, 1.0, torch.device("cpu"))
+    seconds = {}
+    for count in copies:
+        envs = module.make_eval_envs(info, np.zeros(state_dim), np.ones(state_dim), count, seed=0)
+        seconds[str(count)] = median_seconds(
+            lambda envs=envs: module.evaluate(envs, lambda s: agent.act(s, explore=False), info, episodes, 0),
+            torch.device("cpu"), repeats, warmup=0)
+        envs.close()
+    return seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algorithms", nargs="*", default=list(AGENTS), help="agents to time (empty: none)")
-    parser.add_argument("--env", default="Hopper-v5", help="env whose observation/action sizes are used")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--updates", type=int, default=200, help="updates per timed block")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--denoisers", nargs="*", default=["256x3"],
-                        help="EDIS denoiser sizes WIDTHxBLOCKS (empty: none)")
-    parser.add_argument("--envs", nargs="*", default=["Hopper-v5", "Walker2d-v5", "HalfCheetah-v5"],
-                        help="envs whose step rate is measured (empty: none)")
-    args = parser.parse_args()
+def costs_command(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"{args.env} sizes\n")
-    if args.algorithms:
-        print("| algorithm | ms / update | s / 1000 updates |\n|---|---|---|")
-    for name in args.algorithms:
-        ms = time_updates(name, args.env, device, args.batch_size, args.updates, args.repeats)
-        print(f"| {name} | {ms:.2f} | {ms:.2f} |", flush=True)
-    if args.denoisers:
-        print("\n| EDIS denoiser | precision | ms / training step | us / sample / denoiser call (batch 1000) |\n"
-              "|---|---|---|---|")
-    for size in args.denoisers:
+    module = load("iql_edis")
+    config = module.EDISConfig()
+    width, blocks = (int(part) for part in args.denoiser.split("x")) if args.denoiser else (config.width, config.blocks)
+    result: Dict[str, Any] = {"machine": machine(), "device": str(device), "command": " ".join(sys.argv),
+                              "reference": REFERENCE, "ours": {key: getattr(config, key) for key in (
+                                  "refresh_fit_steps", "sample_steps", "num_samples", "energy_epochs",
+                                  "positive_buffer_size", "negative_pool", "transition_pool")},
+                              "denoiser": [width, blocks], "sizes": {}}
+    for label, env_id in SIZES.items():
+        if args.sizes and label not in args.sizes:
+            continue
+        state_dim, action_dim = env_sizes(module, env_id)
+        entry: Dict[str, Any] = {"env": env_id, "state_dim": state_dim, "action_dim": action_dim, "updates": {}}
+        for name in FILES:
+            entry["updates"][name] = time_updates(name, state_dim, action_dim, device, args.updates, args.repeats)
+            print(f"{label} {name}: " + ", ".join(f"{k} {v:.0f}/s" for k, v in entry["updates"][name].items()),
+                  flush=True)
         for bf16 in (False, True):
-            train_ms, sample_us = time_denoiser(size, bf16, args.env, device, args.batch_size,
-                                                max(args.updates // 4, 1), args.repeats)
-            print(f"| {size} | {'bf16' if bf16 else 'fp32'} | {train_ms:.1f} | {sample_us:.1f} |", flush=True)
-    if args.envs:
-        print("\n| env | steps / s (random actions) |\n|---|---|")
-        for env_id in args.envs:
-            print(f"| {env_id} | {env_steps_per_second(env_id):,.0f} |", flush=True)
+            pieces = time_refresh_pieces(state_dim, action_dim, device, args.rows, args.fit_steps, args.repeats, bf16,
+                                         width, blocks)
+            entry["bf16" if bf16 else "fp32"] = {"per_call": pieces, "refresh_s": refresh_model(pieces, config)}
+            print(f"{label} refresh pieces ({'bf16' if bf16 else 'fp32'}): {pieces}", flush=True)
+        if device.type == "cpu" or args.evaluation:
+            entry["evaluation_s"] = time_evaluation(env_id, args.episodes, [1, 10, args.episodes], args.repeats)
+            print(f"{label} evaluation of {args.episodes} episodes: {entry['evaluation_s']}", flush=True)
+        result["sizes"][label] = entry
+    path = Path(args.results) / f"speed-costs-{args.name or device.type}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fidelity: the reference's settings against ours, sampler steps, bf16 (one refresh, real data)
+# ---------------------------------------------------------------------------------------------
+def fidelity_command(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from guidance_sweep import Setup
+
+    module = load("iql_edis")
+    defaults = module.parse_config(module.TrainConfig, module.CONFIG_SECTIONS, ["--config", args.config, *args.options])
+    scales = {"state": defaults.edis.guidance_state, "policy": defaults.edis.guidance_policy,
+              "transition": defaults.edis.guidance_transition}
+    ours_fit = {"initial": args.initial_fit_steps or module.EDISConfig().initial_fit_steps,
+                "refresh": args.refresh_fit_steps or module.EDISConfig().refresh_fit_steps}
+    setup = Setup(module, argparse.Namespace(config=args.config, checkpoint=args.checkpoint, seed=args.seed,
+                                             online_steps=args.online_steps, options=args.options), refresh=False)
+    edis, config = setup.edis, setup.config.edis
+    # The refreshes below fit nothing (0 steps): they train the energies on the current model's sampler levels.
+    config.retrain_from_scratch, config.initial_fit_steps, config.refresh_fit_steps = False, 0, 0
+    config.num_samples = 1_000  # what the refresh itself draws is not measured here
+    columns = ("states", "actions", "rewards", "next_states", "dones")
+    online = setup.online.recent(len(setup.online))
+    offline_data = edis.layout.join(setup.offline)
+    all_data = edis.layout.join({name: torch.cat([setup.offline[name], online[name]]) for name in columns})
+    result: Dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "config": args.config,
+                              "checkpoint": args.checkpoint, "online_steps": args.online_steps, "rows": args.rows,
+                              "repeats": args.repeats, "scales": scales, "width": config.width,
+                              "blocks": config.blocks, "ours_fit": ours_fit, "reference_fit": args.reference_fit_steps,
+                              "settings": {}}
+
+    def fit(label: str, steps_and_data: List[tuple], bf16: bool = False) -> float:
+        config.bf16 = bf16
+        edis.diffusion.reset_weights()
+        start = time.perf_counter()
+        for steps, data in steps_and_data:
+            edis.diffusion.fit(data, steps, desc=label)
+        return time.perf_counter() - start
+
+    def measure(label: str, sample_steps: int, fit_seconds: float) -> None:
+        config.sample_steps = sample_steps
+        edis.energies = module.TransitionEnergies(edis.layout, config, torch.device("cpu"))  # all three trained
+        start = time.perf_counter()
+        edis.refresh(setup.offline, setup.online, setup.agent)  # no fit: energies on this model's sampler levels
+        energy_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        guided = setup.measure(scales, args.rows, args.repeats)
+        guided_seconds = time.perf_counter() - start
+        unguided = setup.measure({name: 0.0 for name in scales}, args.rows, args.repeats)
+        result["settings"][label] = {"sample_steps": sample_steps, "bf16": config.bf16, "fit_s": round(fit_seconds, 1),
+                                     "energies_s": round(energy_seconds, 1),
+                                     "guided_sampling_and_metrics_s": round(guided_seconds, 1),
+                                     "guided": guided, "unguided": unguided}
+        print(f"{label}: guided " + ", ".join(f"{k} {v[0]:.4f}±{v[1]:.4f}" for k, v in guided.items()), flush=True)
+
+    seconds = fit("ours", [(ours_fit["initial"], offline_data), (ours_fit["refresh"], all_data)])
+    for steps in args.steps:
+        measure(f"ours, {steps} steps", steps, seconds)
+    seconds = fit("reference", [(args.reference_fit_steps, all_data)])
+    measure("reference (from scratch, 128 steps)", 128, seconds)
+    seconds = fit("ours bf16", [(ours_fit["initial"], offline_data), (ours_fit["refresh"], all_data)], bf16=True)
+    measure(f"ours bf16, {args.bf16_steps} steps", args.bf16_steps, seconds)
+    name = args.name or Path(args.config).stem
+    path = Path(args.results) / f"speed-fidelity-{name}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# online: wall-clock of each EDIS variant's online phase against its base, from finetune.py runs
+# ---------------------------------------------------------------------------------------------
+def online_command(args: argparse.Namespace) -> int:
+    runs: Dict[tuple, float] = {}
+    for summary_path in Path(args.log_dir).glob("*/summary.json"):
+        parts = summary_path.parent.name.split("--")
+        if len(parts) != 3 or parts[0].startswith("pretrain"):
+            continue
+        summary = json.loads(summary_path.read_text())
+        runs[(parts[0], parts[1], parts[2])] = summary["online"]["wall_clock_s"]
+    result: Dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "pairs": {}}
+    for (variant, key, seed), seconds in sorted(runs.items()):
+        base = "calql" if variant.startswith("calql") else "iql"
+        if variant == base or (base, key, seed) not in runs:
+            continue
+        result["pairs"].setdefault(f"{variant} / {base} ({key})", []).append(
+            {"seed": seed, "variant_s": seconds, "base_s": runs[(base, key, seed)]})
+    path = Path(args.results) / "speed-online.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}: {sum(len(v) for v in result['pairs'].values())} pair(s)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def relative(value: float, reference: float) -> str:
+    return f"{(value / reference - 1) * 100:+.0f}%"
+
+
+def report_command(args: argparse.Namespace) -> int:
+    lines = ["# Speed", "", "Made by `python benchmarks/speed.py report` from the measurements below; each section",
+             "names the command and the machine that produced it.", ""]
+    results = Path(args.results)
+    costs_files = sorted(results.glob("speed-costs-*.json"))
+    fidelity_files = sorted(results.glob("speed-fidelity-*.json"))
+    ratio_lines, body = [], []
+    for path in costs_files:
+        costs = json.loads(path.read_text())
+        body += [f"## Costs ({path.name})", "",
+                 f"`{costs['command']}` on {costs['machine']}, device {costs['device']}.", ""]
+        body += ["| sizes | file | offline updates/s | online updates/s |", "|---|---|---|---|"]
+        for label, entry in costs["sizes"].items():
+            for name, rates in entry["updates"].items():
+                body.append(f"| {label} | {name}.py | {rates['offline']:,.0f} | {rates['online']:,.0f} |")
+        body += ["", f"Refresh with a {costs['denoiser'][0]} x {costs['denoiser'][1]} denoiser, priced from "
+                 "per-call costs (seconds):", "",
+                 "| sizes | precision | setting | diffusion training | energy training | negative sampling | "
+                 "guided sampling | total |", "|---|---|---|---|---|---|---|---|"]
+        for label, entry in costs["sizes"].items():
+            for precision in ("fp32", "bf16"):
+                model = entry[precision]["refresh_s"]
+                for setting in ("reference", "ours"):
+                    parts = model[setting]
+                    body.append(f"| {label} | {precision} | {setting} | " + " | ".join(
+                        f"{value:,.0f}" for value in parts.values()) + f" | {sum(parts.values()):,.0f} |")
+                ratio = sum(model["reference"].values()) / sum(model["ours"].values())
+                ratio_lines.append(f"- Refresh, {label} sizes, {precision}, {costs['device']}: reference settings / "
+                                   f"ours = **{ratio:.1f}x** ({path.name})")
+        body += ["", "Per-call costs (seconds): " + "; ".join(
+            f"{label} fp32 " + ", ".join(f"{k} {v:.3g}" for k, v in entry["fp32"]["per_call"].items())
+            for label, entry in costs["sizes"].items()), ""]
+        for label, entry in costs["sizes"].items():
+            if "evaluation_s" in entry:
+                evaluation = entry["evaluation_s"]
+                sequential = evaluation["1"]
+                body.append(f"- Evaluation, {label}: " + ", ".join(
+                    f"{count} side by side {value:.1f} s" for count, value in evaluation.items()))
+                best = min(evaluation.values())
+                ratio_lines.append(f"- Evaluation, {label} sizes: one env at a time / vector env = "
+                                   f"**{sequential / best:.1f}x** ({path.name})")
+        body.append("")
+    for path in fidelity_files:
+        fidelity = json.loads(path.read_text())
+        settings = fidelity["settings"]
+        body += [f"## Fidelity ({path.name})", "",
+                 f"`{fidelity['command']}` on {fidelity['machine']}. Denoiser {fidelity['width']} x "
+                 f"{fidelity['blocks']}; ours: {fidelity['ours_fit']['initial']:,} steps on the offline data at "
+                 f"online start, then {fidelity['ours_fit']['refresh']:,} warm steps on offline + online; reference: "
+                 f"{fidelity['reference_fit']:,} steps from scratch. Guidance scales {fidelity['scales']}; "
+                 f"{fidelity['repeats']} batches x {fidelity['rows']} rows, mean ± standard error.", "",
+                 "| setting | kind | state MMD (lower) | policy log-lik (higher) | s' error / std^2 (lower) | "
+                 "r error / std (lower) | fit s | refresh without fit s |", "|---|---|---|---|---|---|---|---|"]
+        for label, entry in settings.items():
+            for kind in ("guided", "unguided"):
+                metrics = entry[kind]
+                body.append(f"| {label} | {kind} | " + " | ".join(
+                    f"{metrics[key][0]:.4f} ± {metrics[key][1]:.4f}" for key in (
+                        "state_mmd", "policy_loglik", "dynamics_state_mse", "dynamics_reward_mae"))
+                    + f" | {entry['fit_s']} | {entry['energies_s']} |")
+        reference = next((entry for label, entry in settings.items() if label.startswith("reference")), None)
+        if reference is not None:
+            for label, entry in settings.items():
+                if label.startswith("reference"):
+                    continue
+                changes = ", ".join(
+                    f"{key} {relative(entry['guided'][key][0], reference['guided'][key][0])}"
+                    for key in ("state_mmd", "dynamics_state_mse", "dynamics_reward_mae"))
+                loglik = entry["guided"]["policy_loglik"][0] - reference["guided"]["policy_loglik"][0]
+                ratio_lines.append(f"- Fidelity, {label} against the reference settings ({path.name}): {changes}, "
+                                   f"policy log-lik {loglik:+.2f} nats")
+        body.append("")
+    online_path = results / "speed-online.json"
+    if online_path.is_file():
+        online = json.loads(online_path.read_text())
+        body += ["## Online phase (configs/cpu, from finetune.py runs)", "",
+                 f"`{online['command']}` on {online['machine']}.", "",
+                 "| variant / base | seeds | variant s | base s | ratio |", "|---|---|---|---|---|"]
+        for pair, entries in online["pairs"].items():
+            variant = statistics.mean(entry["variant_s"] for entry in entries)
+            base = statistics.mean(entry["base_s"] for entry in entries)
+            body.append(f"| {pair} | {len(entries)} | {variant:,.0f} | {base:,.0f} | {variant / base:.2f} |")
+            ratio_lines.append(f"- Online phase, {pair}: **{variant / base:.2f}x** its base ({len(entries)} seed(s))")
+        body.append("")
+    lines += ["## Ratios", "", *ratio_lines, "", *body]
+    out = Path(args.out)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(RESULTS), help="where the measurements and speed.md go")
+    commands = parser.add_subparsers(dest="command", required=True)
+    costs = commands.add_parser("costs", help="per-call costs, the refresh cost model, updates/s, evaluation")
+    costs.add_argument("--device", default="cpu")
+    costs.add_argument("--sizes", nargs="*", choices=list(SIZES), default=list(SIZES))
+    costs.add_argument("--updates", type=int, default=200, help="updates per timed block")
+    costs.add_argument("--repeats", type=int, default=3)
+    costs.add_argument("--rows", type=int, default=10_000, help="rows per timed denoiser / guidance call")
+    costs.add_argument("--fit-steps", type=int, default=20, help="denoiser training steps per timed block")
+    costs.add_argument("--episodes", type=int, default=100, help="evaluation episodes per timed evaluation")
+    costs.add_argument("--evaluation", action="store_true", help="time evaluation on a GPU device too")
+    costs.add_argument("--denoiser", default="", help="WIDTHxBLOCKS (default: EDISConfig's, the reference's size)")
+    costs.add_argument("--name", default="", help="output name (default: the device type)")
+    fidelity = commands.add_parser("fidelity", help="samples of the reference's settings against ours")
+    fidelity.add_argument("--config", required=True)
+    fidelity.add_argument("--checkpoint", required=True)
+    fidelity.add_argument("--online-steps", type=int, default=10_000)
+    fidelity.add_argument("--steps", nargs="+", type=int, default=[16, 32, 64, 128], help="sampler steps to try")
+    fidelity.add_argument("--bf16-steps", type=int, default=32, help="sampler steps of the bf16 setting")
+    fidelity.add_argument("--initial-fit-steps", type=int, default=0, help="ours (0: EDISConfig's default)")
+    fidelity.add_argument("--refresh-fit-steps", type=int, default=0, help="ours (0: EDISConfig's default)")
+    fidelity.add_argument("--reference-fit-steps", type=int, default=REFERENCE["fit_steps"])
+    fidelity.add_argument("--rows", type=int, default=2000)
+    fidelity.add_argument("--repeats", type=int, default=2)
+    fidelity.add_argument("--seed", type=int, default=0)
+    fidelity.add_argument("--name", default="")
+    fidelity.add_argument("options", nargs=argparse.REMAINDER, help="after --: options for the config")
+    online = commands.add_parser("online", help="online-phase wall-clock of EDIS variants against their base")
+    online.add_argument("--log-dir", required=True)
+    report = commands.add_parser("report", help="write speed.md")
+    report.add_argument("--out", default="", help="default: speed.md in --results")
+    args = parser.parse_args()
+    args.out = getattr(args, "out", "") or str(Path(args.results) / "speed.md")
+    if getattr(args, "options", None):
+        args.options = args.options[1:] if args.options[:1] == ["--"] else args.options
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    return {"costs": costs_command, "fidelity": fidelity_command, "online": online_command,
+            "report": report_command}[args.command](args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -52,13 +52,44 @@ def test_table_prints_one_command_per_run():
                         "--name iql--adroit__pen-cloned--seed0 --log_dir runs/table --device cuda")
 
 
-def test_speed_script_measures_each_algorithm():
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--updates", "4", "--repeats",
-                             "1", "--batch-size", "16", "--envs", "--denoisers", "32x1"], capture_output=True,
-                            text=True, timeout=300)
+def test_speed_costs_and_report_give_every_file_the_refresh_split_and_ratios(tmp_path):
+    speed = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--results", str(tmp_path)]
+    result = subprocess.run([*speed, "costs", "--sizes", "Hopper", "--updates", "2", "--repeats", "1", "--rows", "64",
+                             "--fit-steps", "1", "--episodes", "3", "--denoiser", "32x1", "--name", "test"],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("| iql ", "| calql ", "| 32x1 "))]
-    assert len(rows) == 4 and all(float(row.split("|")[-2]) > 0 for row in rows)  # 2 agents, fp32 and bf16
+    costs = json.loads((tmp_path / "speed-costs-test.json").read_text())["sizes"]["Hopper"]
+    assert set(costs["updates"]) == {"iql", "calql", "iql_edis", "calql_edis"}
+    assert all(rate > 0 for rates in costs["updates"].values() for rate in rates.values())
+    for precision in ("fp32", "bf16"):
+        model = costs[precision]["refresh_s"]
+        assert set(model["reference"]) == set(model["ours"]) == {"diffusion training", "energy training",
+                                                                 "negative sampling", "guided sampling"}
+        assert all(value > 0 for setting in model.values() for value in setting.values())
+    assert set(costs["evaluation_s"]) == {"1", "10", "3"}
+    result = subprocess.run([*speed, "report"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "speed.md").read_text()
+    assert report.index("## Ratios") < report.index("## Costs")
+    assert "reference settings / ours" in report and "one env at a time / vector env" in report
+
+
+def test_refresh_cost_model_counts_the_calls_of_each_setting():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import speed
+
+    config = speed.load("iql_edis").EDISConfig(sample_steps=32, refresh_fit_steps=1000, num_samples=100,
+                                               negative_pool=10, transition_pool=20, energy_epochs=2,
+                                               positive_buffer_size=512, energy_batch_size=256, energy_negatives=10)
+    unit = {"fit_step": 1.0, "denoise_row": 1.0, "guidance_joint_row": 1.0, "guidance_separate_row": 3.0,
+            "energy_update": 1.0}
+    model = speed.refresh_model(unit, config)
+    assert model["ours"] == {"diffusion training": 1000, "energy training": 3 * 2 * 2,
+                             "negative sampling": 30 * 63, "guided sampling": 100 * 63 * 2}
+    reference = model["reference"]
+    assert reference["diffusion training"] == 30_000 and reference["energy training"] == 3 * 20
+    assert reference["negative sampling"] == 3 * 20 * 2560 * 128  # (255 + 1) / 2 calls per fresh negative
+    assert reference["guided sampling"] == 100_000 * 255 * 4
 
 
 def test_table_curves_plot_evaluations(tmp_path):

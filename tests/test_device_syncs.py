@@ -8,7 +8,6 @@ with the number of updates, sampler steps or energy epochs is a sync in the hot 
 
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator, List
 
 import pytest
