@@ -216,6 +216,47 @@ def time_evaluation(env_id: str, episodes: int, copies: List[int], repeats: int)
     return seconds
 
 
+D3RLPY_SCRIPT = """
+import json, sys, time, numpy as np, torch, d3rlpy
+state_dim, action_dim, updates, repeats = (int(value) for value in sys.argv[1:5])
+rng = np.random.default_rng(0)
+rows = 20_000
+terminals = np.zeros(rows)
+terminals[999::1000] = 1
+dataset = d3rlpy.dataset.MDPDataset(rng.uniform(-1, 1, (rows, state_dim)).astype(np.float32),
+                                    rng.uniform(-1, 1, (rows, action_dim)).astype(np.float32),
+                                    rng.uniform(-1, 1, (rows, 1)).astype(np.float32), terminals)
+rates = {}
+for name, config in (("iql", d3rlpy.algos.IQLConfig(batch_size=256)),
+                     ("calql", d3rlpy.algos.CalQLConfig(batch_size=256, n_action_samples=10))):
+    algo = config.create(device="cpu:0")
+    algo.build_with_dataset(dataset)
+    for _ in range(20):
+        algo.update(dataset.sample_transition_batch(256))
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(updates):
+            algo.update(dataset.sample_transition_batch(256))
+        timings.append(updates / (time.perf_counter() - start))
+    rates[name] = sorted(timings)[len(timings) // 2]
+print("D3RLPY " + json.dumps({"version": d3rlpy.__version__, "offline": rates}))
+"""
+
+
+def time_d3rlpy(python: str, state_dim: int, action_dim: int, updates: int, repeats: int) -> Dict[str, Any]:
+    """d3rlpy's IQL and Cal-QL offline updates per second, run by another interpreter (d3rlpy pins an older
+    gymnasium, so it lives in its own environment)."""
+    import subprocess
+
+    result = subprocess.run([python, "-c", D3RLPY_SCRIPT, str(state_dim), str(action_dim), str(updates),
+                             str(repeats)], capture_output=True, text=True, timeout=3600)
+    line = next((line for line in result.stdout.splitlines() if line.startswith("D3RLPY ")), None)
+    if line is None:
+        raise SystemExit(f"error: d3rlpy timing failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(line[len("D3RLPY "):])
+
+
 def costs_command(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     module = load("iql_edis")
@@ -231,16 +272,19 @@ def costs_command(args: argparse.Namespace) -> int:
             continue
         state_dim, action_dim = env_sizes(module, env_id)
         entry: Dict[str, Any] = {"env": env_id, "state_dim": state_dim, "action_dim": action_dim, "updates": {}}
-        for name in FILES:
+        for name in FILES if "updates" in args.parts else ():
             entry["updates"][name] = time_updates(name, state_dim, action_dim, device, args.updates, args.repeats)
             print(f"{label} {name}: " + ", ".join(f"{k} {v:.0f}/s" for k, v in entry["updates"][name].items()),
                   flush=True)
-        for bf16 in (False, True):
+        if args.d3rlpy_python:
+            entry["d3rlpy"] = time_d3rlpy(args.d3rlpy_python, state_dim, action_dim, args.updates, args.repeats)
+            print(f"{label} d3rlpy: {entry['d3rlpy']}", flush=True)
+        for bf16 in (False, True) if "refresh" in args.parts else ():
             pieces = time_refresh_pieces(state_dim, action_dim, device, args.rows, args.fit_steps, args.repeats, bf16,
                                          width, blocks)
             entry["bf16" if bf16 else "fp32"] = {"per_call": pieces, "refresh_s": refresh_model(pieces, config)}
             print(f"{label} refresh pieces ({'bf16' if bf16 else 'fp32'}): {pieces}", flush=True)
-        if device.type == "cpu" or args.evaluation:
+        if "evaluation" in args.parts and (device.type == "cpu" or args.evaluation):
             entry["evaluation_s"] = time_evaluation(env_id, args.episodes, [1, 10, args.episodes], args.repeats)
             print(f"{label} evaluation of {args.episodes} episodes: {entry['evaluation_s']}", flush=True)
         result["sizes"][label] = entry
@@ -365,12 +409,18 @@ def report_command(args: argparse.Namespace) -> int:
         for label, entry in costs["sizes"].items():
             for name, rates in entry["updates"].items():
                 body.append(f"| {label} | {name}.py | {rates['offline']:,.0f} | {rates['online']:,.0f} |")
+            for name, rate in entry.get("d3rlpy", {}).get("offline", {}).items():
+                body.append(f"| {label} | d3rlpy {entry['d3rlpy']['version']} {name} | {rate:,.0f} | - |")
+                if name in entry["updates"]:
+                    ratio_lines.append(f"- {name}.py / d3rlpy {entry['d3rlpy']['version']}, {label} sizes, offline "
+                                       f"updates per second: **{entry['updates'][name]['offline'] / rate:.1f}x** "
+                                       f"({path.name})")
         body += ["", f"Refresh with a {costs['denoiser'][0]} x {costs['denoiser'][1]} denoiser, priced from "
                  "per-call costs (seconds):", "",
                  "| sizes | precision | setting | diffusion training | energy training | negative sampling | "
                  "guided sampling | total |", "|---|---|---|---|---|---|---|---|"]
         for label, entry in costs["sizes"].items():
-            for precision in ("fp32", "bf16"):
+            for precision in ("fp32", "bf16") if "fp32" in entry else ():
                 model = entry[precision]["refresh_s"]
                 for setting in ("reference", "ours"):
                     parts = model[setting]
@@ -380,8 +430,8 @@ def report_command(args: argparse.Namespace) -> int:
                 ratio_lines.append(f"- Refresh, {label} sizes, {precision}, {costs['device']}: reference settings / "
                                    f"ours = **{ratio:.1f}x** ({path.name})")
         body += ["", "Per-call costs (seconds): " + "; ".join(
-            f"{label} fp32 " + ", ".join(f"{k} {v:.3g}" for k, v in entry["fp32"]["per_call"].items())
-            for label, entry in costs["sizes"].items()), ""]
+            f"{label} {precision} " + ", ".join(f"{k} {v:.3g}" for k, v in entry[precision]["per_call"].items())
+            for label, entry in costs["sizes"].items() for precision in ("fp32", "bf16") if precision in entry), ""]
         for label, entry in costs["sizes"].items():
             if "evaluation_s" in entry:
                 evaluation = entry["evaluation_s"]
@@ -454,6 +504,9 @@ def main() -> int:
     costs.add_argument("--fit-steps", type=int, default=20, help="denoiser training steps per timed block")
     costs.add_argument("--episodes", type=int, default=100, help="evaluation episodes per timed evaluation")
     costs.add_argument("--evaluation", action="store_true", help="time evaluation on a GPU device too")
+    costs.add_argument("--parts", nargs="+", choices=["updates", "refresh", "evaluation"],
+                       default=["updates", "refresh", "evaluation"])
+    costs.add_argument("--d3rlpy-python", default="", help="an interpreter with d3rlpy: time its IQL and Cal-QL too")
     costs.add_argument("--denoiser", default="", help="WIDTHxBLOCKS (default: EDISConfig's, the reference's size)")
     costs.add_argument("--name", default="", help="output name (default: the device type)")
     fidelity = commands.add_parser("fidelity", help="samples of the reference's settings against ours")
