@@ -101,6 +101,7 @@ class EDISConfig:
     guidance_policy: float = 0.5  # scale of E_policy's guidance on the a block (0: off)
     guidance_clip: float = 1.0  # largest norm of each energy's shift of a denoised transition (standardised units)
     metric_samples: int = 1_000  # transitions per batch for the alignment metrics at each refresh
+    drop_beyond_std: float = 10.0  # generated rows with a value this many data stds from the data mean are dropped
 
 
 def validate_edis_config(edis: EDISConfig) -> None:
@@ -112,7 +113,8 @@ def validate_edis_config(edis: EDISConfig) -> None:
     for name in ("initial_fit_steps", "refresh_fit_steps", "energy_epochs", "guidance_state", "guidance_transition",
                  "guidance_policy", "s_churn"):
         check_range(edis, name, 0, math.inf, label=f"edis.{name}")
-    for name in ("lr", "grad_clip", "energy_lr", "sigma_min", "sigma_data", "rho", "guidance_clip", "p_std"):
+    for name in ("lr", "grad_clip", "energy_lr", "sigma_min", "sigma_data", "rho", "guidance_clip", "p_std",
+                 "drop_beyond_std"):
         check_range(edis, name, 0.0, math.inf, low_inclusive=False, label=f"edis.{name}")
     check_range(edis, "ema_decay", 0.0, 1.0, label="edis.ema_decay")
     check_range(edis, "utd_ratio", 1, math.inf, label="edis.utd_ratio")
@@ -179,6 +181,8 @@ class TrainConfig:
     wandb_mode: str = "offline"  # online | offline | disabled
     log_dir: str = "runs"  # each run writes log_dir/<name>/: config.yaml, metrics.jsonl, summary.json
     checkpoints_path: Optional[str] = None  # save a checkpoint at each evaluation to checkpoints_path/<name>/
+    snapshot_every: int = 10_000  # steps between snapshots that --resume continues from (0: none)
+    resume: str = ""  # a run directory (log_dir/<name>) to continue from its last snapshot
     load_model: str = ""  # checkpoint to start from; it skips offline pretraining
     edis: EDISConfig = field(default_factory=EDISConfig)  # EDIS settings: YAML section edis:, --edis.<field>
 
@@ -203,6 +207,10 @@ def validate_config(config: TrainConfig) -> None:
 # ==== BEGIN SHARED: command line and config files ====
 class UserError(Exception):
     """Bad input (file, dataset, config value): reported as one line, without a traceback."""
+
+
+class NonFiniteError(UserError):
+    """A loss, value, energy or guidance term became NaN or inf: the run stops rather than log garbage."""
 
 
 # Sections a dataset YAML may hold: each script reads its own and skips the others.
@@ -916,17 +924,43 @@ class OnlineCollector:
     """
 
     def __init__(self, env: gym.Env, info: DatasetInfo, seed: int, reward_scale: float, reward_bias: float):
-        self.env, self.info = env, info
+        self.env, self.info, self.seed = env, info, seed
         self.reward_scale, self.reward_bias = reward_scale, reward_bias
-        self.state, _ = env.reset(seed=seed)
-        env.action_space.seed(seed)
-        self.episode_return, self.episode_length, self.episode_success = 0.0, 0, False
+        self.episodes = 0
         self.normalized_returns: List[float] = []
         self.successes: List[float] = []
         self.env_steps = 0
+        env.action_space.seed(seed)
+        self._start_episode()
+
+    def _start_episode(self) -> None:
+        """Each episode's reset seed follows from (seed, episode index), so that a resumed run can start any
+        episode exactly as the uninterrupted run did, with no env RNG state to carry."""
+        episode_seed = int(np.random.SeedSequence([self.seed, self.episodes]).generate_state(1)[0])
+        self.state, _ = self.env.reset(seed=episode_seed)
+        self.episode_return, self.episode_length, self.episode_success = 0.0, 0, False
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"episodes": self.episodes, "env_steps": self.env_steps, "episode_length": self.episode_length,
+                "normalized_returns": list(self.normalized_returns), "successes": list(self.successes)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores the counters and starts the current episode again from its reset (its steps so far are
+        in the replay buffer already; the snapshot is normally taken between episodes)."""
+        self.episodes, self.env_steps = state["episodes"], state["env_steps"]
+        self.normalized_returns, self.successes = list(state["normalized_returns"]), list(state["successes"])
+        if state["episode_length"]:
+            print(f"note: the snapshot was taken {state['episode_length']} steps into an episode; that episode "
+                  "starts again from its reset", file=sys.stderr)
+        self._start_episode()
 
     def step(self, action: np.ndarray) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, float]]]:
-        next_state, reward, terminated, truncated, env_info = self.env.step(action)
+        try:
+            next_state, reward, terminated, truncated, env_info = self.env.step(action)
+        except Exception as error:  # the env itself failed: no more online data can come
+            raise UserError(f"env {self.info.env_id} raised {type(error).__name__} at online step "
+                            f"{self.env_steps + 1}: {str(error).splitlines()[0] if str(error) else '(no message)'}"
+                            ) from None
         transition = {
             "states": self.state,
             "actions": action,
@@ -953,8 +987,8 @@ class OnlineCollector:
                 episode_log["train/regret"] = float(np.mean(1.0 - np.array(self.successes)))
             elif self.normalized_returns:
                 episode_log["train/regret"] = float(np.mean(1.0 - np.array(self.normalized_returns) / 100.0))
-            self.state, _ = self.env.reset()
-            self.episode_return, self.episode_length, self.episode_success = 0.0, 0, False
+            self.episodes += 1
+            self._start_episode()
         return transition, episode_log
 # ==== END SHARED: environment ====
 
@@ -997,6 +1031,18 @@ class ReplayBuffer:
         count = min(count, self.size)
         index = (self.pointer - count + torch.arange(count, device=self.device)) % self.capacity
         return {name: column[index] for name, column in self.data.items()}
+
+    def state_dict(self, rebuilt_rows: int = 0) -> Dict[str, Any]:
+        """The rows for a snapshot. The first `rebuilt_rows` (the offline data, which the resumed run loads
+        again) are left out unless the ring has wrapped over them."""
+        first = rebuilt_rows if self.size < self.capacity else 0
+        return {"first": first, "size": self.size, "pointer": self.pointer,
+                "rows": {name: column[first:self.size].clone() for name, column in self.data.items()}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for name, rows in state["rows"].items():
+            self.data[name][state["first"]:state["first"] + len(rows)] = rows.to(self.device)
+        self.size, self.pointer = state["size"], state["pointer"]
 
 
 def transition_columns(data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -1758,6 +1804,8 @@ class EDIS:
         start = time.perf_counter()
         steps = config.initial_fit_steps if first else config.refresh_fit_steps
         log["edis/diffusion_loss"] = self.diffusion.fit(data, steps, desc=f"EDIS fit {self.refreshes}")
+        check_finite_values({"edis/diffusion_loss": log["edis/diffusion_loss"]},
+                            f"in the denoiser fit of refresh {self.refreshes}")
         log["edis/time_diffusion_s"] = time.perf_counter() - start
         self.refreshes += 1
         if len(online_buffer) == 0:
@@ -1786,12 +1834,21 @@ class EDIS:
         for name, loss in self.energies.train(positives, policy_positives, trajectory, levels, config.energy_epochs,
                                               conditioned, conditioned_trajectory).items():
             log[f"edis/energy_loss_{name}"] = loss
+        check_finite_values({key: value for key, value in log.items() if key.startswith("edis/energy_loss")},
+                            f"in the energy training of refresh {self.refreshes}")
         log["edis/time_energy_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
         self.energies.reset_guidance_statistics()
         guided, _ = self.diffusion.sample(config.num_samples, guidance=self.energies.guidance)
-        log.update(self.energies.guidance_statistics())
+        guidance_log = self.energies.guidance_statistics()
+        check_finite_values(guidance_log, f"in the guided sampling of refresh {self.refreshes}")
+        log.update(guidance_log)
+        # Rows far outside the data (in any dimension) are the sampler's failures, not transitions: drop them.
+        # The comparison is false for NaN, so such rows go too.
+        in_range = (self.diffusion.normalize(guided).abs() <= config.drop_beyond_std).all(dim=1)
+        guided = guided[in_range]
+        log["edis/dropped_out_of_range"] = float(config.num_samples - len(guided))
         generated = self.layout.split(guided)
         generated["actions"] = generated["actions"].clamp(-self.max_action, self.max_action)
         self.generated.size = self.generated.pointer = 0  # the new samples replace the old ones
@@ -1800,6 +1857,8 @@ class EDIS:
         log["edis/generated"] = float(len(self.generated))
 
         count = min(config.metric_samples, len(unguided), len(guided))
+        if count < 2:  # everything was dropped: nothing to measure
+            return log
         reference_states = recent["states"][-count:]
         log["edis/state_mmd_offline"] = rbf_mmd(offline["states"][torch.randperm(len(offline["states"]),
                                                                                   device=self.device)[:count]],
@@ -1917,25 +1976,38 @@ def package_versions() -> Dict[str, str]:
 
 
 class RunLogger:
-    """Writes log_dir/<name>/ (config.yaml, metrics.jsonl, summary.json) and mirrors metrics to W&B."""
+    """Writes log_dir/<name>/ (config.yaml, metrics.jsonl, summary.json) and mirrors metrics to W&B.
 
-    def __init__(self, config: Any, info: DatasetInfo):
+    A resumed run passes the snapshot's `logger` state: metrics.jsonl is cut back to what it held at
+    the snapshot (no step is logged twice) and the W&B run of that id continues.
+    """
+
+    def __init__(self, config: Any, info: DatasetInfo, resumed: Optional[Dict[str, Any]] = None):
         self.run_dir = Path(config.log_dir) / config.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "config.yaml", "w") as file:
             pyrallis.dump(config, file)
-        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # a line per event, flushed
+        metrics_path = self.run_dir / "metrics.jsonl"
         self.history: List[Dict[str, Any]] = []
+        if resumed is not None:
+            with open(metrics_path, "r+b") as file:
+                file.truncate(resumed["metrics_bytes"])
+            self.history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+        self.metrics_file = open(metrics_path, "a", buffering=1)  # a line per event, flushed
         if not info.has_reference:
             print(f"note: {info.source} has no reference returns; scores are raw returns (eval/return)",
                   file=sys.stderr)
+        self.wandb_id = resumed["wandb_id"] if resumed is not None else uuid.uuid4().hex
         self.wandb = None
         if config.wandb_mode != "disabled":
             import wandb
 
             self.wandb = wandb.init(config=asdict(config), project=config.project, group=config.group,
-                                    name=config.name, id=str(uuid.uuid4()), mode=config.wandb_mode,
-                                    dir=str(self.run_dir))
+                                    name=config.name, id=self.wandb_id, mode=config.wandb_mode,
+                                    dir=str(self.run_dir), resume="allow")
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"metrics_bytes": self.metrics_file.tell(), "wandb_id": self.wandb_id}
 
     def log(self, metrics: Dict[str, float], step: int, phase: str) -> None:
         record = {"step": step, "phase": phase, **metrics}
@@ -1965,6 +2037,151 @@ def phase_summary(history: List[Dict[str, Any]], phase: str) -> Dict[str, Any]:
         summary[f"final_{name}"] = values[-1] if values else None
         summary[f"best_{name}"] = max(values) if values else None
     return summary
+
+
+class FiniteGuard:
+    """Catches NaN or inf in the per-update values (losses, mean Q or V) without a device sync per update.
+
+    `watch` stacks one update's values and keeps, on the device, the first update at which each went
+    bad; `check` reads that (one sync) at log and snapshot points and stops the run, naming the value
+    and the update. A snapshot is written only after a check, so the last snapshot is a good one.
+    """
+
+    def __init__(self) -> None:
+        self.names: Tuple[str, ...] = ()
+        self.first_bad: Optional[torch.Tensor] = None
+
+    def watch(self, values: Dict[str, torch.Tensor], step: int) -> None:
+        if tuple(values) != self.names:  # another set of values (a new phase): check the old set first
+            self.check()
+            self.names = tuple(values)
+            self.first_bad = torch.full((len(values),), -1, dtype=torch.long,
+                                        device=next(iter(values.values())).device)
+        bad = ~torch.isfinite(torch.stack([value.detach().float().reshape(()) for value in values.values()]))
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+
+    def check(self) -> None:
+        if self.first_bad is None:
+            return
+        for name, step in zip(self.names, self.first_bad.tolist(), strict=True):
+            if step >= 0:
+                raise NonFiniteError(f"train/{name} became NaN or inf at update {step}")
+
+
+def check_finite_values(values: Dict[str, float], where: str) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{name} became NaN or inf {where}")
+
+
+def rng_states() -> Dict[str, Any]:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: Dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"].cpu())
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+
+
+class Snapshots:
+    """<run dir>/snapshot.pt: everything a killed run needs to go on (see `--resume`).
+
+    Written every `every` steps, but in the online phase only between episodes (so that a resumed run
+    replays no partial episode), unless an episode outlasts `patience` more steps. Each file ends with
+    the SHA-256 of its contents; it is written to a temporary name and renamed, and the previous one
+    is kept as snapshot.prev.pt until the new one is complete. A truncated or corrupt snapshot is
+    detected on loading, and the previous one is used with a warning.
+    """
+
+    DIGEST = b"SHA256"
+
+    def __init__(self, run_dir: Path, every: int):
+        self.path, self.previous = run_dir / "snapshot.pt", run_dir / "snapshot.prev.pt"
+        self.every, self.due_since = every, None
+
+    def due(self, step: int, episode_running: bool, patience: int) -> bool:
+        if self.every <= 0:
+            return False
+        if step % self.every == 0 and self.due_since is None:
+            self.due_since = step
+        if self.due_since is None or (episode_running and step - self.due_since < patience):
+            return False
+        self.due_since = None
+        return True
+
+    def save(self, payload: Dict[str, Any]) -> None:
+        import hashlib
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        contents = buffer.getvalue()
+        partial = self.path.with_name(self.path.name + ".part")
+        with open(partial, "wb") as file:
+            file.write(contents + self.DIGEST + hashlib.sha256(contents).digest())
+            file.flush()
+            os.fsync(file.fileno())
+        if self.path.is_file():
+            os.replace(self.path, self.previous)
+        os.replace(partial, self.path)
+
+    def remove(self) -> None:
+        for path in (self.path, self.previous):
+            path.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, run_dir: Path, device: torch.device) -> Dict[str, Any]:
+        """The newest readable snapshot of run_dir."""
+        import hashlib
+        import io
+
+        for path in (run_dir / "snapshot.pt", run_dir / "snapshot.prev.pt"):
+            if not path.is_file():
+                continue
+            raw = path.read_bytes()
+            contents, marker, digest = raw[:-38], raw[-38:-32], raw[-32:]
+            try:
+                if marker != cls.DIGEST or hashlib.sha256(contents).digest() != digest:
+                    raise ValueError("its checksum does not match (truncated or corrupt)")
+                return torch.load(io.BytesIO(contents), map_location=device, weights_only=False)
+            except Exception as error:
+                print(f"warning: snapshot {path} is unreadable ({str(error).splitlines()[0]}); "
+                      "trying the previous one", file=sys.stderr)
+        raise UserError(f"no readable snapshot in {run_dir} (snapshot.pt, snapshot.prev.pt)")
+
+
+def resumed_config(config_class: type, argv: List[str]) -> Optional[Any]:
+    """For `--resume <run dir>` (and optionally --device): the run's own config, from its snapshot."""
+    if "--resume" not in argv:
+        return None
+    index = argv.index("--resume")
+    if index + 1 >= len(argv):
+        raise UserError("--resume needs the run directory (log_dir/<name>) of the run to continue")
+    run_dir, others = Path(argv[index + 1]), argv[:index] + argv[index + 2:]
+    device = None
+    if others[:1] == ["--device"] and len(others) == 2:
+        device, others = others[1], []
+    if others:
+        raise UserError(f"--resume continues a run with its own config; other options are not taken: "
+                        f"{' '.join(others)}")
+    if not run_dir.is_dir():
+        raise UserError(f"--resume: {run_dir} is not a directory")
+    if (run_dir / "summary.json").is_file():
+        raise UserError(f"--resume: {run_dir} finished already (it has summary.json)")
+    snapshot = Snapshots.load(run_dir, torch.device("cpu"))
+    if snapshot.get("algorithm") != ALGORITHM:
+        raise UserError(f"--resume: {run_dir} holds a {snapshot.get('algorithm')!r} run, not {ALGORITHM!r}")
+    config = pyrallis.decode(config_class, snapshot["config"])
+    config.log_dir, config.name, config.resume = str(run_dir.parent), run_dir.name, str(run_dir)
+    if device is not None:
+        config.device = device
+    return config
 
 
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
@@ -2034,23 +2251,35 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         if "edis" in checkpoint:  # absent in a checkpoint of the base algorithm or of the offline phase
             edis.load_state_dict(checkpoint["edis"])
         start = config.offline_iterations  # a loaded agent skips offline pretraining
+    first_step, seconds = start, {"offline": 0.0, "online": 0.0}
+    snapshot = Snapshots.load(Path(config.resume), device) if config.resume else None
     config.name = config.name or default_run_name(config)
-    logger = RunLogger(config, info)
+    logger = RunLogger(config, info, resumed=snapshot["logger"] if snapshot else None)
     collector = OnlineCollector(env, info, config.seed, reward_scale, reward_bias)
+    if snapshot is not None:
+        agent.load_state_dict(snapshot["agent"])
+        if snapshot["edis"] is not None:
+            edis.load_state_dict(snapshot["edis"])
+        edis.generated.load_state_dict(snapshot["generated"])
+        online_buffer.load_state_dict(snapshot["online_buffer"])
+        collector.load_state_dict(snapshot["collector"])
+        first_step, seconds = snapshot["step"], snapshot["seconds"]
+        restore_rng_states(snapshot["rng"])
+        print(f"resumed {logger.run_dir} at step {first_step}")
+    snapshots, guard = Snapshots(logger.run_dir, config.snapshot_every), FiniteGuard()
     checkpoint_dir = Path(config.checkpoints_path) / config.name if config.checkpoints_path else None
     total = config.offline_iterations + config.online_iterations
     score_key = "eval/normalized_score" if info.has_reference else "eval/return"
     print(f"Cal-QL-EDIS on {info.source} ({info.env_id}), {len(data['observations'])} transitions, device {device}, "
           f"logs in {logger.run_dir}")
 
-    progress = tqdm(range(start, total), initial=start, total=total, desc="Cal-QL-EDIS", mininterval=1.0)
-    run_start, online_start = time.perf_counter(), None
-    postfix = {"phase": "offline" if start < config.offline_iterations else "online"}
+    progress = tqdm(range(first_step, total), initial=first_step, total=total, desc="Cal-QL-EDIS", mininterval=1.0)
+    clock = time.perf_counter()
+    postfix = {"phase": "offline" if first_step < config.offline_iterations else "online"}
     try:
         for t in progress:
             phase = "offline" if t < config.offline_iterations else "online"
             if t == config.offline_iterations:
-                online_start = time.perf_counter()
                 postfix["phase"] = "online"
                 progress.set_postfix(postfix)
                 agent.start_online()
@@ -2077,7 +2306,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 batch = offline_buffer.sample(config.batch_size)
             losses = agent.update(batch)
             step = t + 1
+            guard.watch(losses, step)
             if step % config.log_freq == 0:
+                guard.check()
                 logger.log({f"train/{name}": value.item() for name, value in losses.items()}, step, phase)
             if episode_log is not None:
                 logger.log({**episode_log, "env_steps": collector.env_steps}, step, phase)
@@ -2093,14 +2324,27 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                                      "phase": phase, "state_mean": state_mean, "state_std": state_std,
                                      "config": asdict(config),
                                      **({"edis": edis.state_dict()} if edis.refreshes else {})})
+            now = time.perf_counter()
+            seconds[phase], clock = seconds[phase] + now - clock, now
+            if snapshots.due(step, phase == "online" and collector.episode_length > 0, max_steps):
+                guard.check()  # never snapshot a run that has gone bad
+                snapshots.save({"algorithm": ALGORITHM, "config": asdict(config), "step": step, "seconds": seconds,
+                                "agent": agent.state_dict(), "edis": edis.state_dict() if edis.refreshes else None,
+                                "generated": edis.generated.state_dict(),
+                                "online_buffer": online_buffer.state_dict(), "collector": collector.state_dict(),
+                                "logger": logger.state_dict(), "rng": rng_states()})
+        guard.check()
+    except UserError as error:
+        if snapshots.path.is_file():
+            raise UserError(f"{error} (the last snapshot is kept: python {sys.argv[0]} --resume {logger.run_dir})"
+                            ) from None
+        raise
     finally:
         progress.close()
         env.close()
         eval_envs.close()
         fidelity_env.close()
-    run_end = time.perf_counter()
-    offline_seconds = (online_start or run_end) - run_start
-    online_seconds = run_end - online_start if online_start is not None else 0.0
+    offline_seconds, online_seconds = seconds["offline"], seconds["online"]
     summary = {
         "algorithm": ALGORITHM, "dataset": info.source, "env": info.env_id, "seed": config.seed,
         "score_metric": score_key,
@@ -2114,13 +2358,15 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     }
     logger.write_summary(summary)
     logger.close()
+    snapshots.remove()  # the run is complete: its summary and checkpoints are what remains
     return summary
 
 
 # ==== BEGIN SHARED: entry point ====
 def main(argv: Optional[List[str]] = None) -> int:
     try:
-        config = parse_config(TrainConfig, CONFIG_SECTIONS, argv)
+        argv = sys.argv[1:] if argv is None else argv
+        config = resumed_config(TrainConfig, argv) or parse_config(TrainConfig, CONFIG_SECTIONS, argv)
         validate_config(config)
         train(config)
     except UserError as error:

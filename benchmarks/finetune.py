@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     # One queue: each fine-tuning run starts as soon as its own pretraining run has finished.
     needs = {name: need for name, _, need in jobs if need is not None}
     return run_jobs([(name, command) for name, command, _ in jobs], Path(args.log_dir), args.workers,
-                    args.threads_per_run, needs)
+                    args.threads_per_run, needs, retries=args.retries)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +305,8 @@ def main() -> int:
     run_parser.add_argument("--log-dir", default="runs/finetune")
     run_parser.add_argument("--threads-per-run", type=int, default=1, help="OMP_NUM_THREADS of each run")
     run_parser.add_argument("--workers", type=int, default=None, help="runs at a time (default: cores // threads)")
+    run_parser.add_argument("--retries", type=int, default=2,
+                            help="attempts after a run is killed by a signal (it resumes from its snapshot)")
     run_parser.add_argument("--print-commands", action="store_true", help="print the commands, run nothing")
     run_parser.add_argument("--pretrain-only", action="store_true", help="stop after the pretraining runs")
     run_parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run")

@@ -111,16 +111,38 @@ def run(args: argparse.Namespace) -> int:
         jobs_file = write_slurm(Path(args.slurm), jobs, args)
         print(f"wrote {args.slurm} and {jobs_file}: {len(jobs)} runs (submit with: sbatch {args.slurm})")
         return 0
-    return run_jobs(jobs, Path(args.log_dir), args.workers, args.threads_per_run)
+    return run_jobs(jobs, Path(args.log_dir), args.workers, args.threads_per_run, retries=args.retries)
+
+
+def has_snapshot(run_dir: Path) -> bool:
+    return (run_dir / "snapshot.pt").is_file() or (run_dir / "snapshot.prev.pt").is_file()
+
+
+def attempt_command(name: str, command: List[str], log_dir: Path) -> List[str]:
+    """The command for the next attempt of a run: `--resume` where a killed attempt left a snapshot,
+    else the run from the start (after removing what a dead attempt left, so that no partial log mixes in)."""
+    run_dir = log_dir / name
+    if has_snapshot(run_dir) and command[1].startswith("algorithms/"):
+        return [command[0], command[1], "--resume", str(run_dir)]
+    if run_dir.is_dir():
+        shutil.rmtree(run_dir)
+    return command
+
+
+def killed_by_the_system(code: int) -> bool:
+    """Ended by a signal (the OOM killer, a preemption, a node going down), not by the run's own error."""
+    return code < 0 or code in (128 + 9, 128 + 15)
 
 
 def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: int,
-             needs: Optional[Dict[str, str]] = None) -> int:
+             needs: Optional[Dict[str, str]] = None, retries: int = 2) -> int:
     """Runs (name, command) jobs, `workers` at a time; a job whose log_dir/name/summary.json exists is skipped.
 
-    `needs` maps a job to the job it waits for (a fine-tuning run on its pretraining run): it starts as soon as
-    that one has finished, and fails without starting if that one failed. Each run's output goes to
-    log_dir/name.log; failures are listed at the end. Returns the exit code.
+    A run that died in an earlier sweep resumes from its snapshot (`--resume`), or starts over where it left
+    none. A run killed by a signal is tried again, resuming, up to `retries` times; a run that fails by its
+    own error is not. `needs` maps a job to the job it waits for (a fine-tuning run on its pretraining
+    run): it starts as soon as that one has finished, and fails without starting if that one failed.
+    Each run's output goes to log_dir/name.log; failures are listed at the end. Returns the exit code.
     """
     needs = needs or {}
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -129,12 +151,14 @@ def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: in
         if (log_dir / name / "summary.json").is_file():
             print(f"{name}: done before, skipped")
         else:
-            if (log_dir / name).is_dir():  # a run that died: it starts over, so its partial logs must not mix in
-                shutil.rmtree(log_dir / name)
-                print(f"{name}: an earlier attempt left no summary.json; starting it over")
+            if has_snapshot(log_dir / name):
+                print(f"{name}: an earlier attempt died; resuming it from its snapshot")
+            elif (log_dir / name).is_dir():
+                print(f"{name}: an earlier attempt died before its first snapshot; starting it over")
             pending.append((name, command))
     environment = dict(os.environ, OMP_NUM_THREADS=str(threads_per_run), MKL_NUM_THREADS=str(threads_per_run))
     running: Dict[str, tuple] = {}
+    attempts: Dict[str, int] = defaultdict(int)
     failures: List[tuple] = []
     failed: set = set()
     total, started_sweep = len(pending), time.time()
@@ -155,27 +179,34 @@ def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: in
                 if need in running or any(need == other for other, _ in pending):
                     continue  # waits for the job it needs; a later job may start instead
                 pending.remove(job)
-                log = open(log_dir / f"{name}.log", "w")
-                process = subprocess.Popen([sys.executable, *command[1:]], stdout=log, stderr=subprocess.STDOUT,
+                log = open(log_dir / f"{name}.log", "a" if attempts[name] else "w")
+                attempts[name] += 1
+                actual = attempt_command(name, command, log_dir)
+                process = subprocess.Popen([sys.executable, *actual[1:]], stdout=log, stderr=subprocess.STDOUT,
                                            cwd=ROOT, env=environment)
-                running[name] = (process, log, time.time())
-                print(f"[started] {name}", flush=True)
+                running[name] = (process, log, time.time(), command)
+                print(f"[started] {name}" + (" (resuming)" if "--resume" in actual else ""), flush=True)
             time.sleep(0.2)
-            for name, (process, log, started) in list(running.items()):
+            for name, (process, log, started, command) in list(running.items()):
                 if process.poll() is None:
                     continue
                 log.close()
                 del running[name]
+                code = process.returncode
+                if code != 0 and killed_by_the_system(code) and attempts[name] <= retries:
+                    print(f"{name}: killed (exit {code}); attempt {attempts[name] + 1} of {retries + 1}", flush=True)
+                    pending.insert(0, (name, command))
+                    continue
                 done = total - len(pending) - len(running)
-                if process.returncode == 0:
+                if code == 0:
                     print(f"[{done}/{total}] {name}: finished in {time.time() - started:.0f} s", flush=True)
                 else:
                     error = last_error_line(log_dir / f"{name}.log")
-                    failures.append((name, process.returncode, error))
+                    failures.append((name, code, error))
                     failed.add(name)
-                    print(f"[{done}/{total}] {name}: failed (exit {process.returncode})", flush=True)
+                    print(f"[{done}/{total}] {name}: failed (exit {code})", flush=True)
     except KeyboardInterrupt:
-        for process, log, _ in running.values():
+        for process, log, _, _ in running.values():
             process.kill()
             log.close()
         print("interrupted: finished runs are kept, the same command resumes the rest", file=sys.stderr)
@@ -209,12 +240,18 @@ def reference_columns(algorithm: str, key: str) -> tuple:
 
 def report(args: argparse.Namespace) -> None:
     results: Dict[tuple, Dict[str, List[float]]] = defaultdict(lambda: {"offline": [], "online": []})
-    for summary_path in sorted(Path(args.log_dir).glob("*/summary.json")):
-        parsed = parse_run_name(summary_path.parent.name)
+    seeds_started: Dict[str, set] = defaultdict(set)  # per config: every seed any run of it was started with
+    seeds_finished: Dict[tuple, set] = defaultdict(set)
+    for run_dir in sorted(path for path in Path(args.log_dir).iterdir() if path.is_dir()):
+        parsed = parse_run_name(run_dir.name)
         if parsed is None:
             continue
-        algorithm, key, _ = parsed
-        summary = json.loads(summary_path.read_text())
+        algorithm, key, seed = parsed
+        seeds_started[key].add(seed)
+        if not (run_dir / "summary.json").is_file():
+            continue
+        seeds_finished[(key, algorithm)].add(seed)
+        summary = json.loads((run_dir / "summary.json").read_text())
         for phase in ("offline", "online"):
             value = score(summary[phase])
             if value is not None:
@@ -226,11 +263,15 @@ def report(args: argparse.Namespace) -> None:
     rows = []
     for (key, algorithm), phases in sorted(results.items()):
         corl, edis = reference_columns(algorithm, key)
-        rows.append(f"| {key} | {algorithm} | {len(phases['online']) or len(phases['offline'])} | "
+        missing = sorted(seeds_started[key] - seeds_finished[(key, algorithm)])
+        seeds = str(len(seeds_finished[(key, algorithm)])) + (
+            f" (missing: {', '.join(map(str, missing))})" if missing else "")
+        rows.append(f"| {key} | {algorithm} | {seeds} | "
                     f"{mean_std(phases['offline'])} | {mean_std(phases['online'])} | {corl} | {edis} |")
     table = "\n".join([header, *rows])
     note = ("Scores: final D4RL-normalised score x 100 of each phase (raw return where the data has no "
-            "reference returns), mean ± std over seeds.")
+            "reference returns), mean ± std over seeds. 'missing' lists seeds that some run of that config was "
+            "started with but this algorithm has not finished.")
     print(table + "\n\n" + note)
     (Path(args.log_dir) / "report.md").write_text(table + "\n\n" + note + "\n")
     plot(results, Path(args.log_dir) / "report.png")
@@ -323,6 +364,8 @@ def main() -> int:
                             help="torch/OpenMP threads of each run (OMP_NUM_THREADS)")
     run_parser.add_argument("--workers", type=int, default=None,
                             help="runs at a time (default: the machine's cores // --threads-per-run)")
+    run_parser.add_argument("--retries", type=int, default=2,
+                            help="attempts after a run is killed by a signal (it resumes from its snapshot)")
     run_parser.add_argument("--print-commands", action="store_true", help="print one command per run, run nothing")
     run_parser.add_argument("--slurm", metavar="FILE",
                             help="write a SLURM array script and its jobs file (FILE with suffix .jobs), run nothing")

@@ -40,6 +40,15 @@ def test_table_report_puts_measured_beside_published(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| adroit/pen-cloned | iql | 2 | 85.0 ± 5.0 | 105.0 ± 5.0 | 84.2 → 102.0 | - |" in result.stdout
     assert (tmp_path / "report.md").is_file() and (tmp_path / "report.png").stat().st_size > 0
+    # Cal-QL finished seed 0 only, and seed 2 of IQL was started but never finished: both are marked.
+    (tmp_path / "calql--adroit__pen-cloned--seed0").mkdir()
+    (tmp_path / "calql--adroit__pen-cloned--seed0" / "summary.json").write_text(json.dumps({
+        "offline": {"final_normalized_score": 1.0}, "online": {"final_normalized_score": 2.0}}))
+    (tmp_path / "iql--adroit__pen-cloned--seed2").mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "table.py"), "report", "--log-dir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert "| adroit/pen-cloned | iql | 2 (missing: 2) |" in result.stdout
+    assert "| adroit/pen-cloned | calql | 1 (missing: 1, 2) |" in result.stdout
 
 
 def test_table_prints_one_command_per_run():
@@ -214,3 +223,35 @@ def test_a_job_waits_for_the_job_it_needs_and_is_not_started_when_that_failed(tm
     # "finetune" waited for "pretrain" while the jobs after it went ahead; "after_broken" never ran.
     assert ran.index("finetune") > ran.index("pretrain") and "after_broken" not in ran
     assert sorted(ran) == ["broken", "finetune", "independent", "pretrain"]
+
+
+def test_a_run_killed_by_the_system_is_tried_again_and_a_failing_one_is_not(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from table import run_jobs
+
+    marker, attempts = tmp_path / "killed_once", tmp_path / "attempts.txt"
+    dies_once = (f"import os, pathlib, signal; open({str(attempts)!r}, 'a').write('x'); "
+                 f"m = pathlib.Path({str(marker)!r})\n"
+                 "if not m.exists(): m.touch(); os.kill(os.getpid(), signal.SIGKILL)\n"
+                 f"pathlib.Path({str(tmp_path / 'once')!r}).mkdir(); "
+                 f"(pathlib.Path({str(tmp_path / 'once')!r}) / 'summary.json').write_text('{{}}')")
+    failing = f"open({str(tmp_path / 'failing.txt')!r}, 'a').write('x'); raise SystemExit(3)"
+    code = run_jobs([("once", ["python", "-c", dies_once]), ("failing", ["python", "-c", failing])], tmp_path,
+                    workers=1, threads_per_run=1, retries=2)
+    assert code == 1  # the failing run fails the sweep
+    assert attempts.read_text() == "xx" and (tmp_path / "once" / "summary.json").is_file()
+    assert (tmp_path / "failing.txt").read_text() == "x"  # its own error: not retried
+
+
+def test_a_dead_run_with_a_snapshot_is_resumed_not_restarted(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from table import attempt_command
+
+    command = ["python", "algorithms/iql.py", "--config", "c.yaml", "--name", "run", "--log_dir", str(tmp_path)]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "snapshot.pt").write_bytes(b"x")
+    assert attempt_command("run", command, tmp_path) == ["python", "algorithms/iql.py", "--resume",
+                                                         str(tmp_path / "run")]
+    (tmp_path / "run" / "snapshot.pt").unlink()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}")
+    assert attempt_command("run", command, tmp_path) == command and not (tmp_path / "run").exists()
