@@ -85,10 +85,8 @@ def uninterrupted(tmp_path_factory) -> Dict[str, Path]:
 
 @pytest.mark.parametrize("name, target, kill_on_call, where", [
     ("iql", "ImplicitQLearning.update", 45, "offline training"),
-    ("iql", "ImplicitQLearning.update", 150, "online training"),
     ("calql", "evaluate", 3, "an evaluation"),
     ("iql_edis", "TransitionEnergies.train", 1, "a refresh"),
-    ("iql_edis", "evaluate", 4, "an online evaluation"),
     ("calql_edis", "TransitionDiffusion.sample", 3, "the sampling of a refresh"),
 ])
 def test_a_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path, name, target, kill_on_call,
@@ -105,6 +103,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_pat
 
 
 def test_a_truncated_snapshot_falls_back_to_the_previous_one(uninterrupted, tmp_path):
+    """Also the online-phase kill of IQL: the resumed run replays from the snapshot before the truncated one."""
     killed = launch("iql", "ImplicitQLearning.update", 150, *TINY, "--log_dir", str(tmp_path), "--name", "run")
     assert killed.returncode == -signal.SIGKILL
     snapshot = tmp_path / "run" / "snapshot.pt"
