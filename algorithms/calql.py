@@ -13,6 +13,7 @@ The file is self-contained: copy it into your project and it runs. A section mar
 `BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name holds it identically.
 """
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -23,7 +24,6 @@ import platform
 import random
 import re
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -97,23 +97,431 @@ class TrainConfig:
     name: str = ""  # run name; empty: <algorithm>-<dataset>-seed<seed>-<8 hex>
     wandb_mode: str = "offline"  # online | offline | disabled
     log_dir: str = "runs"  # each run writes log_dir/<name>/: config.yaml, metrics.jsonl, summary.json
-    checkpoints_path: Optional[str] = None  # save a checkpoint at each evaluation to checkpoints_path/<name>/
+    checkpoints_path: str = ""  # save a checkpoint at each evaluation to checkpoints_path/<name>/ (empty: none)
     snapshot_every: int = 10_000  # steps between snapshots that --resume continues from (0: none)
     resume: str = ""  # a run directory (log_dir/<name>) to continue from its last snapshot
     load_model: str = ""  # checkpoint to start from; it skips offline pretraining
 
 
-def validate_config(config: TrainConfig) -> None:
-    validate_common_config(config)
-    check_range(config, "discount", 0.0, 1.0)
-    check_range(config, "soft_target_update_rate", 0.0, 1.0)
-    check_range(config, "mixing_ratio", 0.0, 1.0)
-    for name in ("policy_lr", "qf_lr", "cql_temp"):
-        check_range(config, name, 0.0, math.inf, low_inclusive=False)
-    for name in ("cql_alpha", "cql_alpha_online", "alpha_multiplier", "bc_steps"):
-        check_range(config, name, 0.0, math.inf)
-    for name in ("cql_n_actions", "q_n_hidden_layers", "target_update_period"):
-        check_range(config, name, 1, math.inf)
+# ==== BEGIN SHARED: Cal-QL returns-to-go and networks ====
+# ---------------------------------------------------------------------------------------------
+# Cal-QL: Monte-Carlo returns-to-go of the offline data (the calibration bound)
+# ---------------------------------------------------------------------------------------------
+def returns_to_go(rewards: np.ndarray, terminals: np.ndarray, episode_ends: np.ndarray, discount: float,
+                  sparse_failure_reward: Optional[float] = None) -> np.ndarray:
+    """Discounted return from each transition to the end of its episode (CORL's get_return_to_go).
+
+    With sparse_failure_reward set, an episode whose rewards all equal it (it never reached the
+    goal) gets r / (1 - discount) everywhere, the return of failing forever.
+    """
+    returns = np.zeros(len(rewards), dtype=np.float64)
+    future = 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        if episode_ends[i]:
+            future = 0.0
+        future = rewards[i] + discount * future * (1.0 - terminals[i])
+        returns[i] = future
+    ends = np.nonzero(episode_ends)[0]
+    if sparse_failure_reward is not None and len(ends):
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        complete = rewards[:ends[-1] + 1]
+        failed = ((np.minimum.reduceat(complete, starts) == sparse_failure_reward)
+                  & (np.maximum.reduceat(complete, starts) == sparse_failure_reward))
+        for start, end in zip(starts[failed], ends[failed], strict=True):
+            returns[start:end + 1] = sparse_failure_reward / (1.0 - discount)
+    return returns.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+def init_linear(module: nn.Module, orthogonal: bool) -> None:
+    if isinstance(module, nn.Linear):
+        if orthogonal:
+            nn.init.orthogonal_(module.weight, gain=math.sqrt(2))
+            nn.init.constant_(module.bias, 0.0)
+        else:
+            nn.init.xavier_uniform_(module.weight, gain=1e-2)
+
+
+class Scalar(nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.constant = nn.Parameter(torch.tensor(value, dtype=torch.float32))
+
+    def forward(self) -> torch.Tensor:
+        return self.constant
+
+
+class TanhGaussianPolicy(nn.Module):
+    """SAC actor: a Gaussian squashed by tanh, 3 hidden layers of 256 (CORL's Cal-QL actor)."""
+
+    LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+    def __init__(self, state_dim: int, action_dim: int, max_action: float, orthogonal_init: bool):
+        super().__init__()
+        self.action_dim, self.max_action = action_dim, max_action
+        self.base_network = nn.Sequential(
+            nn.Linear(state_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+            nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2 * action_dim))
+        if orthogonal_init:
+            self.base_network.apply(lambda m: init_linear(m, True))
+        else:
+            init_linear(self.base_network[-1], False)
+        self.log_std_multiplier, self.log_std_offset = Scalar(1.0), Scalar(-1.0)
+
+    def distribution(self, states: torch.Tensor) -> Tuple[TransformedDistribution, torch.Tensor]:
+        mean, log_std = torch.split(self.base_network(states), self.action_dim, dim=-1)
+        log_std = (self.log_std_multiplier() * log_std + self.log_std_offset()).clamp(self.LOG_STD_MIN,
+                                                                                    self.LOG_STD_MAX)
+        # No argument checks: each costs a device sync, and NaN is reported by the run's FiniteGuard in one line.
+        normal = Normal(mean, log_std.exp(), validate_args=False)
+        return TransformedDistribution(normal, TanhTransform(cache_size=1), validate_args=False), mean
+
+    def forward(self, states: torch.Tensor, deterministic: bool = False,
+                repeat: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Actions in [-max_action, max_action] and their log-probabilities; repeat: (B, repeat, A)."""
+        if repeat is not None:
+            states = states.unsqueeze(1).expand(-1, repeat, -1)
+        distribution, mean = self.distribution(states)
+        actions = torch.tanh(mean) if deterministic else distribution.rsample()
+        return self.max_action * actions, distribution.log_prob(actions).sum(-1)
+
+    def log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        distribution, _ = self.distribution(states)
+        bound = 1.0 - 1e-6  # atanh of the data's +-1 actions would be infinite
+        return distribution.log_prob((actions / self.max_action).clamp(-bound, bound)).sum(-1)
+
+
+class FullyConnectedQFunction(nn.Module):
+    def __init__(self, state_dim: int, action_dim: int, orthogonal_init: bool, n_hidden_layers: int):
+        super().__init__()
+        layers: List[nn.Module] = [nn.Linear(state_dim + action_dim, 256), nn.ReLU()]
+        for _ in range(n_hidden_layers - 1):
+            layers += [nn.Linear(256, 256), nn.ReLU()]
+        layers.append(nn.Linear(256, 1))
+        self.network = nn.Sequential(*layers)
+        if orthogonal_init:
+            self.network.apply(lambda m: init_linear(m, True))
+        else:
+            init_linear(self.network[-1], False)
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q(s, a): (B,) for actions (B, A); (B, n) for actions (B, n, A)."""
+        if actions.ndim == 3 and states.ndim == 2:
+            states = states.unsqueeze(1).expand(-1, actions.shape[1], -1)
+        return self.network(torch.cat([states, actions], dim=-1)).squeeze(-1)
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - tau) target + tau source, one fused call over every parameter."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+# ==== END SHARED: Cal-QL returns-to-go and networks ====
+
+
+# ==== BEGIN SHARED: Cal-QL agent ====
+# ---------------------------------------------------------------------------------------------
+# Agent
+# ---------------------------------------------------------------------------------------------
+class CalQL:
+    def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
+                 device: torch.device):
+        self.config, self.device = config, device
+        self.actor = TanhGaussianPolicy(state_dim, action_dim, max_action, config.orthogonal_init).to(device)
+        self.critic_1 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
+                                                config.q_n_hidden_layers).to(device)
+        self.critic_2 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
+                                                config.q_n_hidden_layers).to(device)
+        self.target_critic_1 = copy.deepcopy(self.critic_1).requires_grad_(False)
+        self.target_critic_2 = copy.deepcopy(self.critic_2).requires_grad_(False)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), config.policy_lr)
+        self.critic_optimizer = torch.optim.Adam([*self.critic_1.parameters(), *self.critic_2.parameters()],
+                                                 config.qf_lr)
+        self.log_alpha = Scalar(0.0).to(device)
+        self.alpha_optimizer = torch.optim.Adam(self.log_alpha.parameters(), config.policy_lr)
+        self.log_alpha_prime = Scalar(1.0).to(device)
+        self.alpha_prime_optimizer = torch.optim.Adam(self.log_alpha_prime.parameters(), config.qf_lr)
+        self.target_entropy = -float(action_dim)
+        self.cql_alpha = config.cql_alpha
+        self.calibration_enabled = True
+        self.total_it = 0
+
+    def start_online(self) -> None:
+        """As CORL: online, calibration is off and the regulariser takes cql_alpha_online."""
+        self.calibration_enabled = False
+        self.cql_alpha = self.config.cql_alpha_online
+
+    def _q_loss(self, batch: Dict[str, torch.Tensor], alpha: torch.Tensor,
+                log: Dict[str, torch.Tensor]) -> torch.Tensor:
+        config = self.config
+        states, actions, next_states = batch["states"], batch["actions"], batch["next_states"]
+        rewards, dones = batch["rewards"].squeeze(-1), batch["dones"].squeeze(-1)
+        q1_predicted, q2_predicted = self.critic_1(states, actions), self.critic_2(states, actions)
+
+        with torch.no_grad():
+            if config.cql_max_target_backup:
+                next_actions, next_log_pi = self.actor(next_states, repeat=config.cql_n_actions)
+                target_q = torch.min(self.target_critic_1(next_states, next_actions),
+                                     self.target_critic_2(next_states, next_actions))
+                target_q, best = target_q.max(-1)
+                next_log_pi = next_log_pi.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+            else:
+                next_actions, next_log_pi = self.actor(next_states)
+                target_q = torch.min(self.target_critic_1(next_states, next_actions),
+                                     self.target_critic_2(next_states, next_actions))
+            if config.backup_entropy:
+                target_q = target_q - alpha * next_log_pi
+            td_target = rewards + (1.0 - dones) * config.discount * target_q
+        qf1_loss, qf2_loss = F.mse_loss(q1_predicted, td_target), F.mse_loss(q2_predicted, td_target)
+
+        # CQL regulariser: log-sum-exp of Q over random, current-policy and next-state-policy actions.
+        batch_size, action_dim, n = actions.shape[0], actions.shape[-1], config.cql_n_actions
+        random_actions = actions.new_empty((batch_size, n, action_dim)).uniform_(-1, 1)
+        with torch.no_grad():
+            current_actions, current_log_pis = self.actor(states, repeat=n)
+            next_actions, next_log_pis = self.actor(next_states, repeat=n)
+        q1_rand, q2_rand = self.critic_1(states, random_actions), self.critic_2(states, random_actions)
+        q1_current, q2_current = self.critic_1(states, current_actions), self.critic_2(states, current_actions)
+        q1_next, q2_next = self.critic_1(states, next_actions), self.critic_2(states, next_actions)
+
+        # Cal-QL: Q-values of policy actions are bounded below by the Monte-Carlo return-to-go.
+        lower_bounds = batch["mc_returns"].expand(-1, n)
+        log["bound_rate_cql_q1_current_actions"] = (q1_current < lower_bounds).float().mean().detach()
+        if self.calibration_enabled:
+            q1_current, q2_current = torch.maximum(q1_current, lower_bounds), torch.maximum(q2_current, lower_bounds)
+            q1_next, q2_next = torch.maximum(q1_next, lower_bounds), torch.maximum(q2_next, lower_bounds)
+
+        if config.cql_importance_sample:
+            random_density = math.log(0.5**action_dim)
+            cat_q1 = torch.cat([q1_rand - random_density, q1_next - next_log_pis, q1_current - current_log_pis], 1)
+            cat_q2 = torch.cat([q2_rand - random_density, q2_next - next_log_pis, q2_current - current_log_pis], 1)
+        else:
+            cat_q1 = torch.cat([q1_rand, q1_predicted.unsqueeze(1), q1_next, q1_current], 1)
+            cat_q2 = torch.cat([q2_rand, q2_predicted.unsqueeze(1), q2_next, q2_current], 1)
+        qf1_ood = torch.logsumexp(cat_q1 / config.cql_temp, dim=1) * config.cql_temp
+        qf2_ood = torch.logsumexp(cat_q2 / config.cql_temp, dim=1) * config.cql_temp
+        qf1_diff = (qf1_ood - q1_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
+        qf2_diff = (qf2_ood - q2_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
+
+        if config.cql_lagrange:
+            alpha_prime = self.log_alpha_prime().exp().clamp(0.0, 1e6)
+            gaps = (qf1_diff.detach() - config.cql_target_action_gap, qf2_diff.detach() - config.cql_target_action_gap)
+            alpha_prime_loss = -0.5 * alpha_prime * self.cql_alpha * (gaps[0] + gaps[1])
+            self.alpha_prime_optimizer.zero_grad(set_to_none=True)
+            alpha_prime_loss.backward()
+            self.alpha_prime_optimizer.step()
+            alpha_prime = alpha_prime.detach()
+            cql_loss_1 = alpha_prime * self.cql_alpha * (qf1_diff - config.cql_target_action_gap)
+            cql_loss_2 = alpha_prime * self.cql_alpha * (qf2_diff - config.cql_target_action_gap)
+            log["alpha_prime"] = alpha_prime
+        else:
+            cql_loss_1, cql_loss_2 = qf1_diff * self.cql_alpha, qf2_diff * self.cql_alpha
+        log.update(qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), cql_min_qf1_loss=cql_loss_1.detach(),
+                   cql_min_qf2_loss=cql_loss_2.detach(), average_qf1=q1_predicted.detach().mean(),
+                   average_target_q=target_q.mean(), cql_q1_rand=q1_rand.detach().mean(),
+                   cql_q1_current_actions=q1_current.detach().mean(), cql_q1_next_actions=q1_next.detach().mean())
+        return qf1_loss + qf2_loss + cql_loss_1 + cql_loss_2
+
+    def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One Cal-QL step: temperature, actor (SAC), then critics (TD + calibrated CQL)."""
+        self.total_it += 1
+        config = self.config
+        states = batch["states"]
+        new_actions, log_pi = self.actor(states)
+        if config.use_automatic_entropy_tuning:
+            alpha_loss = -(self.log_alpha() * (log_pi + self.target_entropy).detach()).mean()
+            alpha = self.log_alpha().exp() * config.alpha_multiplier
+        else:
+            alpha_loss = states.new_tensor(0.0)
+            alpha = states.new_tensor(config.alpha_multiplier)
+
+        if self.total_it <= config.bc_steps:
+            policy_loss = (alpha.detach() * log_pi - self.actor.log_prob(states, batch["actions"])).mean()
+        else:
+            q_new_actions = torch.min(self.critic_1(states, new_actions), self.critic_2(states, new_actions))
+            policy_loss = (alpha.detach() * log_pi - q_new_actions).mean()
+
+        log: Dict[str, torch.Tensor] = {"policy_loss": policy_loss.detach(), "alpha_loss": alpha_loss.detach(),
+                                        "alpha": alpha.detach(), "log_pi": log_pi.detach().mean()}
+        qf_loss = self._q_loss(batch, alpha.detach(), log)
+
+        if config.use_automatic_entropy_tuning:
+            self.alpha_optimizer.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_optimizer.step()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        policy_loss.backward()
+        self.actor_optimizer.step()
+        self.critic_optimizer.zero_grad(set_to_none=True)  # also drops what policy_loss left in the critics
+        qf_loss.backward()
+        self.critic_optimizer.step()
+        if self.total_it % config.target_update_period == 0:
+            soft_update(self.target_critic_1, self.critic_1, config.soft_target_update_rate)
+            soft_update(self.target_critic_2, self.critic_2, config.soft_target_update_rate)
+        return log
+
+    @torch.no_grad()
+    def act(self, state: np.ndarray, explore: bool) -> np.ndarray:
+        """Evaluation: tanh of the mean. Exploration: a sample of the policy."""
+        states = torch.atleast_2d(torch.as_tensor(state, dtype=torch.float32, device=self.device))
+        action, _ = self.actor(states, deterministic=not explore)
+        action = action.cpu().numpy()
+        return action[0] if np.ndim(state) == 1 else action
+
+    def state_dict(self) -> Dict[str, Any]:
+        names = ("actor", "critic_1", "critic_2", "target_critic_1", "target_critic_2", "log_alpha",
+                 "log_alpha_prime", "actor_optimizer", "critic_optimizer", "alpha_optimizer", "alpha_prime_optimizer")
+        return {**{name: getattr(self, name).state_dict() for name in names}, "total_it": self.total_it,
+                "cql_alpha": self.cql_alpha, "calibration_enabled": self.calibration_enabled}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for name, value in state.items():
+            if name in ("total_it", "cql_alpha", "calibration_enabled"):
+                setattr(self, name, value)
+            else:
+                getattr(self, name).load_state_dict(value)
+# ==== END SHARED: Cal-QL agent ====
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: offline pretraining, then online fine-tuning
+# ---------------------------------------------------------------------------------------------
+def train(config: TrainConfig) -> Dict[str, Any]:
+    device = resolve_device(config.device)
+    set_seed(config.seed)
+    data, info = load_dataset(config.dataset, config.env)
+    env = make_env(info, seed=config.seed)
+    check_dataset_matches_env(data, env, info)
+    max_steps = max_episode_steps_of(env)
+    reward_scale, reward_bias = reward_transform(data, info, config.normalize_reward, config.reward_scale,
+                                                 config.reward_bias, max_steps)
+    state_mean, state_std = state_statistics(data["observations"], config.normalize)
+    env = NormalizeState(env, state_mean, state_std)
+    eval_envs = make_eval_envs(info, state_mean, state_std, min(config.eval_envs, config.n_episodes),
+                               config.eval_seed)
+    state_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    max_action = float(env.action_space.high[0])
+
+    offline = transition_columns(data)
+    offline["states"] = (offline["states"] - state_mean) / state_std
+    offline["next_states"] = (offline["next_states"] - state_mean) / state_std
+    offline["rewards"] = offline["rewards"] * reward_scale + reward_bias
+    offline["mc_returns"] = returns_to_go(offline["rewards"][:, 0], data["terminals"], data["episode_ends"],
+                                          config.discount, reward_bias if config.is_sparse_reward else None)[:, None]
+    columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1,
+               "mc_returns": 1}
+    offline_capacity = min(config.buffer_size, len(data["observations"]))
+    offline_buffer = ReplayBuffer(offline_capacity, columns, device)
+    offline_buffer.add_batch(**{name: values[-offline_capacity:] for name, values in offline.items()})
+    online_buffer = ReplayBuffer(max(min(config.buffer_size, config.online_iterations), 1), columns, device)
+    offline_batch_size = int(config.batch_size * config.mixing_ratio)
+    online_batch_size = config.batch_size - offline_batch_size
+
+    agent = CalQL(config, state_dim, action_dim, max_action, device)
+    start = 0
+    if config.load_model:
+        checkpoint = load_checkpoint(config.load_model, device)
+        agent.load_state_dict(checkpoint["agent"])
+        start = config.offline_iterations  # a loaded agent skips offline pretraining
+    first_step, seconds = start, {"offline": 0.0, "online": 0.0}
+    snapshot = Snapshots.load(Path(config.resume), device) if config.resume else None
+    config.name = config.name or default_run_name(config)
+    logger = RunLogger(config, info, resumed=snapshot["logger"] if snapshot else None)
+    collector = OnlineCollector(env, info, config.seed, reward_scale, reward_bias)
+    if snapshot is not None:
+        agent.load_state_dict(snapshot["agent"])
+        online_buffer.load_state_dict(snapshot["online_buffer"])
+        collector.load_state_dict(snapshot["collector"])
+        first_step, seconds = snapshot["step"], snapshot["seconds"]
+        restore_rng_states(snapshot["rng"])
+        print(f"resumed {logger.run_dir} at step {first_step}")
+    snapshots, guard = Snapshots(logger.run_dir, config.snapshot_every), FiniteGuard()
+    checkpoint_dir = Path(config.checkpoints_path) / config.name if config.checkpoints_path else None
+    total = config.offline_iterations + config.online_iterations
+    score_key = "eval/normalized_score" if info.has_reference else "eval/return"
+    print(f"Cal-QL on {info.source} ({info.env_id}), {len(data['observations'])} transitions, device {device}, "
+          f"logs in {logger.run_dir}")
+
+    progress = tqdm(range(first_step, total), initial=first_step, total=total, desc="Cal-QL", mininterval=1.0)
+    clock = time.perf_counter()
+    postfix = {"phase": "offline" if first_step < config.offline_iterations else "online"}
+    try:
+        for t in progress:
+            phase = "offline" if t < config.offline_iterations else "online"
+            if t == config.offline_iterations:
+                postfix["phase"] = "online"
+                progress.set_postfix(postfix)
+                agent.start_online()
+            episode_log = None
+            if phase == "online":
+                action = agent.act(collector.state, explore=True)
+                transition, episode_log = collector.step(action)
+                # Online returns-to-go are never used: calibration is off online (CORL).
+                online_buffer.add(**transition, mc_returns=np.zeros(1, np.float32))
+                offline_part = offline_buffer.sample(offline_batch_size)
+                online_part = online_buffer.sample(online_batch_size)
+                batch = {name: torch.cat([offline_part[name], online_part[name]]) for name in columns}
+            else:
+                batch = offline_buffer.sample(config.batch_size)
+            losses = agent.update(batch)
+            step = t + 1
+            guard.watch(losses, step)
+            if step % config.log_freq == 0:
+                guard.check()
+                logger.log({f"train/{name}": value.item() for name, value in losses.items()}, step, phase)
+            if episode_log is not None:
+                logger.log({**episode_log, "env_steps": collector.env_steps}, step, phase)
+            if evaluation_due(step, config):
+                metrics = evaluate(eval_envs, lambda s: agent.act(s, explore=False), info, config.n_episodes,
+                                   config.eval_seed)
+                logger.log(metrics, step, phase)
+                postfix[score_key.split("/")[1]] = f"{metrics[score_key]:.1f}"
+                progress.set_postfix(postfix)
+                if checkpoint_dir is not None:
+                    save_checkpoint(checkpoint_dir / f"checkpoint_{step}.pt",
+                                    {"algorithm": ALGORITHM, "agent": agent.state_dict(), "step": step,
+                                     "phase": phase, "state_mean": state_mean, "state_std": state_std,
+                                     "config": asdict(config)})
+            now = time.perf_counter()
+            seconds[phase], clock = seconds[phase] + now - clock, now
+            if snapshots.due(step, phase == "online" and collector.episode_length > 0, max_steps):
+                guard.check()  # never snapshot a run that has gone bad
+                snapshots.save({"algorithm": ALGORITHM, "config": asdict(config), "step": step, "seconds": seconds,
+                                "agent": agent.state_dict(),
+                                "online_buffer": online_buffer.state_dict(), "collector": collector.state_dict(),
+                                "logger": logger.state_dict(), "rng": rng_states()})
+        guard.check()
+    except UserError as error:
+        if snapshots.path.is_file():
+            raise UserError(f"{error} (the last snapshot is kept: python {sys.argv[0]} --resume {logger.run_dir})"
+                            ) from None
+        raise
+    finally:
+        progress.close()
+        env.close()
+        eval_envs.close()
+    offline_seconds, online_seconds = seconds["offline"], seconds["online"]
+    summary = {
+        "algorithm": ALGORITHM, "dataset": info.source, "env": info.env_id, "seed": config.seed,
+        "score_metric": score_key,
+        "offline": {**phase_summary(logger.history, "offline"), "iterations": max(config.offline_iterations - start, 0),
+                    "wall_clock_s": round(offline_seconds, 2)},
+        "online": {**phase_summary(logger.history, "online"), "env_steps": collector.env_steps,
+                   "wall_clock_s": round(online_seconds, 2)},
+        "env_steps": collector.env_steps,
+        "versions": package_versions(),
+    }
+    logger.write_summary(summary)
+    logger.close()
+    snapshots.remove()  # the run is complete: its summary and checkpoints are what remains
+    return summary
+
+
+# =============================================================================================
+# Machinery, found here when needed: command line and config files, datasets, environment,
+# replay buffer, evaluation, logging and checkpoints. The algorithm is above.
+# =============================================================================================
 
 
 # ==== BEGIN SHARED: command line and config files ====
@@ -129,147 +537,126 @@ class NonFiniteError(UserError):
 ALL_CONFIG_SECTIONS = ("iql", "calql", "edis", "iql_edis", "calql_edis")
 
 
-def _pop_config_argument(argv: List[str]) -> Tuple[Optional[str], List[str]]:
-    """Takes `--config PATH` (or pyrallis' own `--config_path PATH`) out of argv."""
-    rest, path, i = [], None, 0
-    while i < len(argv):
-        arg = argv[i]
-        key, eq, value = arg.partition("=")
-        if key in ("--config", "--config_path"):
-            if eq:
-                path = value
-            elif i + 1 < len(argv):
-                path, i = argv[i + 1], i + 1
-            else:
-                raise UserError(f"{key} needs a file path")
-        else:
-            rest.append(arg)
-        i += 1
-    return path, rest
+# One decoding rule for every value, from a file or the command line. Files are read with YAML's BaseLoader,
+# so a value arrives as the text that was written, just as on the command line: `name: off` stays "off",
+# `normalize: perhaps` and `seed: 1.7` are errors. pyrallis applies these to every field it decodes.
+BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
-def _dataclass_fields(cls: type) -> Dict[str, Any]:
-    return {f.name: f for f in fields(cls)}
+def decode_bool(value: Any) -> bool:
+    if str(value).lower() not in BOOLEANS:
+        raise ValueError("is not true or false")
+    return BOOLEANS[str(value).lower()]
 
 
-def read_config_file(path: str, config_class: type, own_sections: Tuple[str, ...]) -> Dict[str, Any]:
-    """Common keys plus this script's sections of a dataset YAML, checked against the dataclass.
+def decode_int(value: Any) -> int:
+    with contextlib.suppress(ValueError, OverflowError):  # 1_000_000 and 1e6 are integers too
+        if not isinstance(value, (bool, float)) and float(str(value)).is_integer():
+            return int(float(str(value))) if "e" in str(value).lower() else int(str(value))
+    raise ValueError("is not an integer")
 
-    Later sections in `own_sections` override earlier ones and the common keys. A section named
-    after a nested dataclass field (`edis:`) fills that field; any other (`iql:`, `iql_edis:`) is
-    merged into the top level, where a mapping for a nested field (`edis:` inside `iql_edis:`)
-    updates it key by key.
+
+def decode_float(value: Any) -> float:
+    with contextlib.suppress(ValueError):
+        if not isinstance(value, bool) and math.isfinite(float(str(value))):
+            return float(str(value))
+    raise ValueError("is not a finite number")
+
+
+def decode_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError("is not a single value")
+
+
+for _kind, _decoder in ((bool, decode_bool), (int, decode_int), (float, decode_float), (str, decode_str)):
+    pyrallis.decode.register(_kind, _decoder)
+
+
+def field_types(config_class: Any) -> Dict[str, Any]:
+    return {field.name: field.type for field in fields(config_class)} if is_dataclass(config_class) else {}
+
+
+def flatten(mapping: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"edis": {"width": "64"}} -> {"edis.width": "64"}: the dotted names of the command line."""
+    flat: Dict[str, Any] = {}
+    for key, value in mapping.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def read_config_file(path: str, config_class: type, own_sections: Tuple[str, ...]) -> Dict[str, Tuple[Any, str]]:
+    """Dotted key -> (text, "'key' in path"): the common keys, then this script's sections in order.
+
+    A section named after a nested field (`edis:`) fills that field; any other (`iql:`, `iql_edis:`) sets
+    top-level keys, and a mapping inside it (`edis:` inside `iql_edis:`) sets the nested field key by key.
     """
     try:
         with open(path) as file:
-            raw = yaml.safe_load(file)
+            raw = yaml.load(file, Loader=yaml.BaseLoader) or {}
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except (OSError, yaml.YAMLError) as error:
         raise UserError(f"cannot read config file {path}: {str(error).splitlines()[0]}") from None
-    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values")
-    known = _dataclass_fields(config_class)
-    merged: Dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in ALL_CONFIG_SECTIONS:
-            if not isinstance(value, dict):
-                raise UserError(f"section '{key}' in {path} must be a mapping")
-        elif key not in known:
-            raise UserError(f"unknown key '{key}' in {path}")
-        else:
-            merged[key] = value
+    for section in ALL_CONFIG_SECTIONS:
+        if not isinstance(raw.get(section) or {}, dict):
+            raise UserError(f"section '{section}' in {path} must be a mapping")
+    common = {key: value for key, value in raw.items() if key not in ALL_CONFIG_SECTIONS}
+    values = {key: (text, f"'{key}' in {path}") for key, text in flatten(common).items()}
     for section in own_sections:
-        values = raw.get(section) or {}
-        if section in known:
-            values = {section: values}
-        for key, value in values.items():
-            if key not in known:
-                raise UserError(f"unknown key '{section}.{key}' in {path}")
-            if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                merged[key] = {**merged[key], **value}
-            else:
-                merged[key] = value
-    # Nested dataclass fields (such as `edis`) are checked against their own fields.
-    defaults = config_class()
-    for key, value in merged.items():
-        default = getattr(defaults, key)
-        if is_dataclass(default):
-            if not isinstance(value, dict):
-                raise UserError(f"'{key}' in {path} must be a mapping")
-            nested = _dataclass_fields(type(default))
-            for sub_key in value:
-                if sub_key not in nested:
-                    raise UserError(f"unknown key '{key}.{sub_key}' in {path}")
-        elif isinstance(value, dict):
-            raise UserError(f"'{key}' in {path} must be a single value, not a mapping")
-    return merged
-
-
-BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
-
-
-def prepare_command_line(config_class: type, args: List[str]) -> List[str]:
-    """Checks options and quotes string values for pyrallis.
-
-    Unknown options and non-boolean words for booleans are errors naming the option. pyrallis
-    reads values as YAML, so `--name off` would become "False": values of str fields are quoted.
-    """
-    defaults, prepared, skip = config_class(), [], False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        prepared.append(arg)
-        if not arg.startswith("--") or arg in ("--help", "-h"):
-            continue
-        key, eq, value = arg[2:].partition("=")
-        head, _, tail = key.partition(".")
-        owner = getattr(defaults, head) if tail and hasattr(defaults, head) else defaults
-        name = tail or head
-        if not hasattr(defaults, head) or (tail and not (is_dataclass(owner) and hasattr(owner, tail))):
-            raise UserError(f"unknown option --{key} (see --help)")
-        if not eq:
-            if i + 1 >= len(args):
-                continue  # pyrallis reports the missing value
-            value, skip = args[i + 1], True
-        if isinstance(getattr(owner, name), bool) and value.lower() not in BOOLEAN_WORDS:
-            raise UserError(f"--{key} takes true or false, not {value!r}")
-        field_type = _dataclass_fields(type(owner))[name].type
-        prepared[-1:] = [f"--{key}", json.dumps(value) if field_type is str else value]
-    return prepared
+        body = raw.get(section) or {}
+        prefix = f"{section}." if is_dataclass(field_types(config_class).get(section)) else ""
+        values.update({prefix + key: (text, f"'{section}.{key}' in {path}") for key, text in flatten(body).items()})
+    return values
 
 
 def parse_config(config_class: type, own_sections: Tuple[str, ...], argv: Optional[List[str]] = None) -> Any:
-    """Dataclass from defaults < config file < command line (`--key value`, `--section.key value`)."""
+    """Dataclass from defaults < config file (--config) < command line (`--key value`, `--section.key=value`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    path, rest = _pop_config_argument(argv)
-    rest = prepare_command_line(config_class, rest)
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = None
-        if path is not None:
-            values = read_config_file(path, config_class, own_sections)
-            config_path = os.path.join(tmp, "config.yaml")
-            with open(config_path, "w") as file:
-                yaml.safe_dump(values, file)
-        # pyrallis finds each field's comment with inspect.getsource(class), which re-parses this whole
-        # file per field (seconds for a long file): cache it while parsing.
-        getsource = inspect.getsource
-        inspect.getsource = functools.lru_cache(maxsize=None)(getsource)
+    if "--help" in argv or "-h" in argv:
+        print_help(config_class)
+        raise SystemExit(0)
+    from_file: Dict[str, Tuple[Any, str]] = {}
+    from_command_line: Dict[str, Tuple[Any, str]] = {}  # (text, "") for each --key
+    words = iter(argv)
+    for word in words:
+        option, has_value, text = word.partition("=")
+        if not option.startswith("--"):
+            raise UserError(f"unexpected argument {word!r}: options are --key value")
+        text = text if has_value else next(words, None)
+        if text is None:
+            raise UserError(f"{option} needs a value")
+        if option in ("--config", "--config_path"):
+            from_file = read_config_file(text, config_class, own_sections)
+        else:
+            from_command_line[option[2:]] = (text, "")
+    nested: Dict[str, Any] = {}
+    for key, (text, where) in {**from_file, **from_command_line}.items():
+        *heads, name = key.split(".")
+        owner, target = config_class, nested
+        for head in heads:  # `edis.width`: into the nested dataclass
+            owner, target = field_types(owner).get(head), target.setdefault(head, {})
+        kind = field_types(owner).get(name)
+        if kind is None or is_dataclass(kind):
+            raise UserError(f"unknown key {where}" if where else f"unknown option --{key} (see --help)")
         try:
-            return pyrallis.parse(config_class=config_class, config_path=config_path, args=rest)
-        except SystemExit:
-            raise
-        except Exception as error:  # pyrallis reports bad types with its own exceptions
-            message = str(error)
-            field = re.search(r"value=(.*?) into field \"[^\"]*?\.([\w.]+)\" of type <class '(\w+)'>", message)
-            if field:
-                value, name, kind = field.groups()
-                raise UserError(f"{name} = {value} is not a valid {kind}") from None
-            raise UserError(f"bad configuration: {message.strip().splitlines()[-1].strip()}") from None
-        finally:
-            inspect.getsource = getsource
+            target[name] = pyrallis.decode(kind, text)
+        except ValueError as error:
+            raise UserError(f"{key} = {text!r} {error}" + (f" ({where})" if where else "")) from None
+    return pyrallis.decode(config_class, nested)
+
+
+def print_help(config_class: type) -> None:
+    """pyrallis' --help: every option with its field's comment."""
+    # pyrallis finds each comment with inspect.getsource(class), which re-reads this long file per field: cache it.
+    getsource = inspect.getsource
+    inspect.getsource = functools.lru_cache(maxsize=None)(getsource)
+    try:
+        pyrallis.argparsing.ArgumentParser(config_class=config_class).print_help()
+    finally:
+        inspect.getsource = getsource
 
 
 def check_range(
@@ -293,8 +680,10 @@ def validate_common_config(config: Any) -> None:
         raise UserError(f"wandb_mode = {config.wandb_mode!r}: use online, offline or disabled")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", config.device):
         raise UserError(f"device = {config.device!r}: use auto, cpu, cuda or cuda:N")
+# ==== END SHARED: command line and config files ====
 
 
+# ==== BEGIN SHARED: device and seeds ====
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -310,7 +699,21 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-# ==== END SHARED: command line and config files ====
+# ==== END SHARED: device and seeds ====
+
+
+def validate_config(config: TrainConfig) -> None:
+    validate_common_config(config)
+    check_range(config, "discount", 0.0, 1.0)
+    check_range(config, "soft_target_update_rate", 0.0, 1.0)
+    check_range(config, "mixing_ratio", 0.0, 1.0)
+    for name in ("policy_lr", "qf_lr", "cql_temp"):
+        check_range(config, name, 0.0, math.inf, low_inclusive=False)
+    for name in ("cql_alpha", "cql_alpha_online", "alpha_multiplier", "bc_steps"):
+        check_range(config, name, 0.0, math.inf)
+    for name in ("cql_n_actions", "q_n_hidden_layers", "target_update_period"):
+        check_range(config, name, 1, math.inf)
+
 
 # ==== BEGIN SHARED: datasets ====
 # D4RL reference returns: normalised score = 100 * (return - min) / (max - min).
@@ -693,6 +1096,7 @@ def state_statistics(observations: np.ndarray, normalize: bool, eps: float = 1e-
     return observations.mean(0).astype(np.float32), (observations.std(0) + eps).astype(np.float32)
 # ==== END SHARED: datasets ====
 
+
 # ==== BEGIN SHARED: environment ====
 # D4RL AntMaze v2 evaluation mazes (row 0 at the top, r: start, g: goal), 4 units per cell.
 D4RL_ANTMAZE_MAPS = {
@@ -904,6 +1308,7 @@ class OnlineCollector:
         return transition, episode_log
 # ==== END SHARED: environment ====
 
+
 # ==== BEGIN SHARED: replay buffer ====
 class ReplayBuffer:
     """Fixed-capacity ring buffer of named float32 columns, stored on the training device."""
@@ -938,12 +1343,6 @@ class ReplayBuffer:
         index = torch.randint(0, self.size, (batch_size,), device=self.device)
         return {name: column[index] for name, column in self.data.items()}
 
-    def recent(self, count: int) -> Dict[str, torch.Tensor]:
-        """The last `count` rows added (all rows when fewer), oldest first."""
-        count = min(count, self.size)
-        index = (self.pointer - count + torch.arange(count, device=self.device)) % self.capacity
-        return {name: column[index] for name, column in self.data.items()}
-
     def state_dict(self, rebuilt_rows: int = 0) -> Dict[str, Any]:
         """The rows for a snapshot. The first `rebuilt_rows` (the offline data, which the resumed run loads
         again) are left out unless the ring has wrapped over them."""
@@ -962,294 +1361,6 @@ def transition_columns(data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return {"states": data["observations"], "actions": data["actions"], "rewards": data["rewards"][:, None],
             "next_states": data["next_observations"], "dones": data["terminals"][:, None]}
 # ==== END SHARED: replay buffer ====
-
-# ==== BEGIN SHARED: Cal-QL returns-to-go and networks ====
-# ---------------------------------------------------------------------------------------------
-# Cal-QL: Monte-Carlo returns-to-go of the offline data (the calibration bound)
-# ---------------------------------------------------------------------------------------------
-def returns_to_go(rewards: np.ndarray, terminals: np.ndarray, episode_ends: np.ndarray, discount: float,
-                  sparse_failure_reward: Optional[float] = None) -> np.ndarray:
-    """Discounted return from each transition to the end of its episode (CORL's get_return_to_go).
-
-    With sparse_failure_reward set, an episode whose rewards all equal it (it never reached the
-    goal) gets r / (1 - discount) everywhere, the return of failing forever.
-    """
-    returns = np.zeros(len(rewards), dtype=np.float64)
-    future = 0.0
-    for i in range(len(rewards) - 1, -1, -1):
-        if episode_ends[i]:
-            future = 0.0
-        future = rewards[i] + discount * future * (1.0 - terminals[i])
-        returns[i] = future
-    ends = np.nonzero(episode_ends)[0]
-    if sparse_failure_reward is not None and len(ends):
-        starts = np.concatenate([[0], ends[:-1] + 1])
-        complete = rewards[:ends[-1] + 1]
-        failed = ((np.minimum.reduceat(complete, starts) == sparse_failure_reward)
-                  & (np.maximum.reduceat(complete, starts) == sparse_failure_reward))
-        for start, end in zip(starts[failed], ends[failed], strict=True):
-            returns[start:end + 1] = sparse_failure_reward / (1.0 - discount)
-    return returns.astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
-def init_linear(module: nn.Module, orthogonal: bool) -> None:
-    if isinstance(module, nn.Linear):
-        if orthogonal:
-            nn.init.orthogonal_(module.weight, gain=math.sqrt(2))
-            nn.init.constant_(module.bias, 0.0)
-        else:
-            nn.init.xavier_uniform_(module.weight, gain=1e-2)
-
-
-class Scalar(nn.Module):
-    def __init__(self, value: float):
-        super().__init__()
-        self.constant = nn.Parameter(torch.tensor(value, dtype=torch.float32))
-
-    def forward(self) -> torch.Tensor:
-        return self.constant
-
-
-class TanhGaussianPolicy(nn.Module):
-    """SAC actor: a Gaussian squashed by tanh, 3 hidden layers of 256 (CORL's Cal-QL actor)."""
-
-    LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
-
-    def __init__(self, state_dim: int, action_dim: int, max_action: float, orthogonal_init: bool):
-        super().__init__()
-        self.action_dim, self.max_action = action_dim, max_action
-        self.base_network = nn.Sequential(
-            nn.Linear(state_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-            nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2 * action_dim))
-        if orthogonal_init:
-            self.base_network.apply(lambda m: init_linear(m, True))
-        else:
-            init_linear(self.base_network[-1], False)
-        self.log_std_multiplier, self.log_std_offset = Scalar(1.0), Scalar(-1.0)
-
-    def distribution(self, states: torch.Tensor) -> Tuple[TransformedDistribution, torch.Tensor]:
-        mean, log_std = torch.split(self.base_network(states), self.action_dim, dim=-1)
-        log_std = (self.log_std_multiplier() * log_std + self.log_std_offset()).clamp(self.LOG_STD_MIN,
-                                                                                    self.LOG_STD_MAX)
-        return TransformedDistribution(Normal(mean, log_std.exp()), TanhTransform(cache_size=1)), mean
-
-    def forward(self, states: torch.Tensor, deterministic: bool = False,
-                repeat: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Actions in [-max_action, max_action] and their log-probabilities; repeat: (B, repeat, A)."""
-        if repeat is not None:
-            states = states.unsqueeze(1).expand(-1, repeat, -1)
-        distribution, mean = self.distribution(states)
-        actions = torch.tanh(mean) if deterministic else distribution.rsample()
-        return self.max_action * actions, distribution.log_prob(actions).sum(-1)
-
-    def log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        distribution, _ = self.distribution(states)
-        bound = 1.0 - 1e-6  # atanh of the data's +-1 actions would be infinite
-        return distribution.log_prob((actions / self.max_action).clamp(-bound, bound)).sum(-1)
-
-
-class FullyConnectedQFunction(nn.Module):
-    def __init__(self, state_dim: int, action_dim: int, orthogonal_init: bool, n_hidden_layers: int):
-        super().__init__()
-        layers: List[nn.Module] = [nn.Linear(state_dim + action_dim, 256), nn.ReLU()]
-        for _ in range(n_hidden_layers - 1):
-            layers += [nn.Linear(256, 256), nn.ReLU()]
-        layers.append(nn.Linear(256, 1))
-        self.network = nn.Sequential(*layers)
-        if orthogonal_init:
-            self.network.apply(lambda m: init_linear(m, True))
-        else:
-            init_linear(self.network[-1], False)
-
-    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q(s, a): (B,) for actions (B, A); (B, n) for actions (B, n, A)."""
-        if actions.ndim == 3 and states.ndim == 2:
-            states = states.unsqueeze(1).expand(-1, actions.shape[1], -1)
-        return self.network(torch.cat([states, actions], dim=-1)).squeeze(-1)
-
-
-def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
-    with torch.no_grad():
-        for target_param, source_param in zip(target.parameters(), source.parameters(), strict=True):
-            target_param.lerp_(source_param, tau)
-# ==== END SHARED: Cal-QL returns-to-go and networks ====
-
-
-# ==== BEGIN SHARED: Cal-QL agent ====
-# ---------------------------------------------------------------------------------------------
-# Agent
-# ---------------------------------------------------------------------------------------------
-class CalQL:
-    def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
-                 device: torch.device):
-        self.config, self.device, self.max_action = config, device, max_action
-        self.actor = TanhGaussianPolicy(state_dim, action_dim, max_action, config.orthogonal_init).to(device)
-        self.critic_1 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
-                                                config.q_n_hidden_layers).to(device)
-        self.critic_2 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
-                                                config.q_n_hidden_layers).to(device)
-        self.target_critic_1 = copy.deepcopy(self.critic_1).requires_grad_(False)
-        self.target_critic_2 = copy.deepcopy(self.critic_2).requires_grad_(False)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), config.policy_lr)
-        self.critic_optimizer = torch.optim.Adam([*self.critic_1.parameters(), *self.critic_2.parameters()],
-                                                 config.qf_lr)
-        self.log_alpha = Scalar(0.0).to(device)
-        self.alpha_optimizer = torch.optim.Adam(self.log_alpha.parameters(), config.policy_lr)
-        self.log_alpha_prime = Scalar(1.0).to(device)
-        self.alpha_prime_optimizer = torch.optim.Adam(self.log_alpha_prime.parameters(), config.qf_lr)
-        self.target_entropy = -float(action_dim)
-        self.cql_alpha = config.cql_alpha
-        self.calibration_enabled = True
-        self.total_it = 0
-
-    def start_online(self) -> None:
-        """As CORL: online, calibration is off and the regulariser takes cql_alpha_online."""
-        self.calibration_enabled = False
-        self.cql_alpha = self.config.cql_alpha_online
-
-    def _q_loss(self, batch: Dict[str, torch.Tensor], alpha: torch.Tensor,
-                log: Dict[str, torch.Tensor]) -> torch.Tensor:
-        config = self.config
-        states, actions, next_states = batch["states"], batch["actions"], batch["next_states"]
-        rewards, dones = batch["rewards"].squeeze(-1), batch["dones"].squeeze(-1)
-        q1_predicted, q2_predicted = self.critic_1(states, actions), self.critic_2(states, actions)
-
-        with torch.no_grad():
-            if config.cql_max_target_backup:
-                next_actions, next_log_pi = self.actor(next_states, repeat=config.cql_n_actions)
-                target_q = torch.min(self.target_critic_1(next_states, next_actions),
-                                     self.target_critic_2(next_states, next_actions))
-                target_q, best = target_q.max(-1)
-                next_log_pi = next_log_pi.gather(-1, best.unsqueeze(-1)).squeeze(-1)
-            else:
-                next_actions, next_log_pi = self.actor(next_states)
-                target_q = torch.min(self.target_critic_1(next_states, next_actions),
-                                     self.target_critic_2(next_states, next_actions))
-            if config.backup_entropy:
-                target_q = target_q - alpha * next_log_pi
-            td_target = rewards + (1.0 - dones) * config.discount * target_q
-        qf1_loss, qf2_loss = F.mse_loss(q1_predicted, td_target), F.mse_loss(q2_predicted, td_target)
-
-        # CQL regulariser: log-sum-exp of Q over random, current-policy and next-state-policy actions.
-        batch_size, action_dim, n = actions.shape[0], actions.shape[-1], config.cql_n_actions
-        random_actions = actions.new_empty((batch_size, n, action_dim)).uniform_(-1, 1)
-        with torch.no_grad():
-            current_actions, current_log_pis = self.actor(states, repeat=n)
-            next_actions, next_log_pis = self.actor(next_states, repeat=n)
-        q1_rand, q2_rand = self.critic_1(states, random_actions), self.critic_2(states, random_actions)
-        q1_current, q2_current = self.critic_1(states, current_actions), self.critic_2(states, current_actions)
-        q1_next, q2_next = self.critic_1(states, next_actions), self.critic_2(states, next_actions)
-
-        # Cal-QL: Q-values of policy actions are bounded below by the Monte-Carlo return-to-go.
-        lower_bounds = batch["mc_returns"].expand(-1, n)
-        log["bound_rate_cql_q1_current_actions"] = (q1_current < lower_bounds).float().mean().detach()
-        if self.calibration_enabled:
-            q1_current, q2_current = torch.maximum(q1_current, lower_bounds), torch.maximum(q2_current, lower_bounds)
-            q1_next, q2_next = torch.maximum(q1_next, lower_bounds), torch.maximum(q2_next, lower_bounds)
-
-        if config.cql_importance_sample:
-            random_density = math.log(0.5**action_dim)
-            cat_q1 = torch.cat([q1_rand - random_density, q1_next - next_log_pis, q1_current - current_log_pis], 1)
-            cat_q2 = torch.cat([q2_rand - random_density, q2_next - next_log_pis, q2_current - current_log_pis], 1)
-        else:
-            cat_q1 = torch.cat([q1_rand, q1_predicted.unsqueeze(1), q1_next, q1_current], 1)
-            cat_q2 = torch.cat([q2_rand, q2_predicted.unsqueeze(1), q2_next, q2_current], 1)
-        qf1_ood = torch.logsumexp(cat_q1 / config.cql_temp, dim=1) * config.cql_temp
-        qf2_ood = torch.logsumexp(cat_q2 / config.cql_temp, dim=1) * config.cql_temp
-        qf1_diff = (qf1_ood - q1_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
-        qf2_diff = (qf2_ood - q2_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
-
-        if config.cql_lagrange:
-            alpha_prime = self.log_alpha_prime().exp().clamp(0.0, 1e6)
-            gaps = (qf1_diff.detach() - config.cql_target_action_gap, qf2_diff.detach() - config.cql_target_action_gap)
-            alpha_prime_loss = -0.5 * alpha_prime * self.cql_alpha * (gaps[0] + gaps[1])
-            self.alpha_prime_optimizer.zero_grad(set_to_none=True)
-            alpha_prime_loss.backward()
-            self.alpha_prime_optimizer.step()
-            alpha_prime = alpha_prime.detach()
-            cql_loss_1 = alpha_prime * self.cql_alpha * (qf1_diff - config.cql_target_action_gap)
-            cql_loss_2 = alpha_prime * self.cql_alpha * (qf2_diff - config.cql_target_action_gap)
-            log["alpha_prime"] = alpha_prime
-        else:
-            cql_loss_1, cql_loss_2 = qf1_diff * self.cql_alpha, qf2_diff * self.cql_alpha
-        log.update(qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), cql_min_qf1_loss=cql_loss_1.detach(),
-                   cql_min_qf2_loss=cql_loss_2.detach(), average_qf1=q1_predicted.detach().mean(),
-                   average_target_q=target_q.mean(), cql_q1_rand=q1_rand.detach().mean(),
-                   cql_q1_current_actions=q1_current.detach().mean(), cql_q1_next_actions=q1_next.detach().mean())
-        return qf1_loss + qf2_loss + cql_loss_1 + cql_loss_2
-
-    def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """One Cal-QL step: temperature, actor (SAC), then critics (TD + calibrated CQL)."""
-        self.total_it += 1
-        config = self.config
-        states = batch["states"]
-        new_actions, log_pi = self.actor(states)
-        if config.use_automatic_entropy_tuning:
-            alpha_loss = -(self.log_alpha() * (log_pi + self.target_entropy).detach()).mean()
-            alpha = self.log_alpha().exp() * config.alpha_multiplier
-        else:
-            alpha_loss = states.new_tensor(0.0)
-            alpha = states.new_tensor(config.alpha_multiplier)
-
-        if self.total_it <= config.bc_steps:
-            policy_loss = (alpha.detach() * log_pi - self.actor.log_prob(states, batch["actions"])).mean()
-        else:
-            q_new_actions = torch.min(self.critic_1(states, new_actions), self.critic_2(states, new_actions))
-            policy_loss = (alpha.detach() * log_pi - q_new_actions).mean()
-
-        log: Dict[str, torch.Tensor] = {"policy_loss": policy_loss.detach(), "alpha_loss": alpha_loss.detach(),
-                                        "alpha": alpha.detach(), "log_pi": log_pi.detach().mean()}
-        qf_loss = self._q_loss(batch, alpha.detach(), log)
-
-        if config.use_automatic_entropy_tuning:
-            self.alpha_optimizer.zero_grad(set_to_none=True)
-            alpha_loss.backward()
-            self.alpha_optimizer.step()
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        policy_loss.backward()
-        self.actor_optimizer.step()
-        self.critic_optimizer.zero_grad(set_to_none=True)  # also drops what policy_loss left in the critics
-        qf_loss.backward()
-        self.critic_optimizer.step()
-        if self.total_it % config.target_update_period == 0:
-            soft_update(self.target_critic_1, self.critic_1, config.soft_target_update_rate)
-            soft_update(self.target_critic_2, self.critic_2, config.soft_target_update_rate)
-        return log
-
-    @torch.no_grad()
-    def act(self, state: np.ndarray, explore: bool) -> np.ndarray:
-        """Evaluation: tanh of the mean. Exploration: a sample of the policy."""
-        states = torch.atleast_2d(torch.as_tensor(state, dtype=torch.float32, device=self.device))
-        action, _ = self.actor(states, deterministic=not explore)
-        action = action.cpu().numpy()
-        return action[0] if np.ndim(state) == 1 else action
-
-    @torch.no_grad()
-    def sample_actions(self, states: torch.Tensor) -> torch.Tensor:
-        """A batch of exploration actions of the current policy (EDIS's policy-energy positives)."""
-        return self.actor(states)[0]
-
-    @torch.no_grad()
-    def policy_log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> Optional[torch.Tensor]:
-        """log pi(a|s) per row of the tanh-Gaussian policy."""
-        return self.actor.log_prob(states, actions)
-
-    def state_dict(self) -> Dict[str, Any]:
-        names = ("actor", "critic_1", "critic_2", "target_critic_1", "target_critic_2", "log_alpha",
-                 "log_alpha_prime", "actor_optimizer", "critic_optimizer", "alpha_optimizer", "alpha_prime_optimizer")
-        return {**{name: getattr(self, name).state_dict() for name in names}, "total_it": self.total_it,
-                "cql_alpha": self.cql_alpha, "calibration_enabled": self.calibration_enabled}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for name, value in state.items():
-            if name in ("total_it", "cql_alpha", "calibration_enabled"):
-                setattr(self, name, value)
-            else:
-                getattr(self, name).load_state_dict(value)
-# ==== END SHARED: Cal-QL agent ====
 
 
 # ==== BEGIN SHARED: evaluation ====
@@ -1311,6 +1422,7 @@ def evaluation_due(step: int, config: Any) -> bool:
     online_step = step - config.offline_iterations
     return online_step % config.eval_freq == 0 or online_step == config.online_iterations
 # ==== END SHARED: evaluation ====
+
 
 # ==== BEGIN SHARED: logging and checkpoints ====
 def default_run_name(config: Any) -> str:
@@ -1559,140 +1671,6 @@ def load_checkpoint(path: str, device: torch.device) -> Dict[str, Any]:
         raise UserError(f"checkpoint {path} was written by {payload.get('algorithm')!r}, not {ALGORITHM!r}")
     return payload
 # ==== END SHARED: logging and checkpoints ====
-
-
-# ---------------------------------------------------------------------------------------------
-# Training: offline pretraining, then online fine-tuning
-# ---------------------------------------------------------------------------------------------
-def train(config: TrainConfig) -> Dict[str, Any]:
-    device = resolve_device(config.device)
-    set_seed(config.seed)
-    data, info = load_dataset(config.dataset, config.env)
-    env = make_env(info, seed=config.seed)
-    check_dataset_matches_env(data, env, info)
-    max_steps = max_episode_steps_of(env)
-    reward_scale, reward_bias = reward_transform(data, info, config.normalize_reward, config.reward_scale,
-                                                 config.reward_bias, max_steps)
-    state_mean, state_std = state_statistics(data["observations"], config.normalize)
-    env = NormalizeState(env, state_mean, state_std)
-    eval_envs = make_eval_envs(info, state_mean, state_std, min(config.eval_envs, config.n_episodes),
-                               config.eval_seed)
-    state_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    max_action = float(env.action_space.high[0])
-
-    offline = transition_columns(data)
-    offline["states"] = (offline["states"] - state_mean) / state_std
-    offline["next_states"] = (offline["next_states"] - state_mean) / state_std
-    offline["rewards"] = offline["rewards"] * reward_scale + reward_bias
-    offline["mc_returns"] = returns_to_go(offline["rewards"][:, 0], data["terminals"], data["episode_ends"],
-                                          config.discount, reward_bias if config.is_sparse_reward else None)[:, None]
-    columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1,
-               "mc_returns": 1}
-    offline_capacity = min(config.buffer_size, len(data["observations"]))
-    offline_buffer = ReplayBuffer(offline_capacity, columns, device)
-    offline_buffer.add_batch(**{name: values[-offline_capacity:] for name, values in offline.items()})
-    online_buffer = ReplayBuffer(max(min(config.buffer_size, config.online_iterations), 1), columns, device)
-    offline_batch_size = int(config.batch_size * config.mixing_ratio)
-    online_batch_size = config.batch_size - offline_batch_size
-
-    agent = CalQL(config, state_dim, action_dim, max_action, device)
-    start = 0
-    if config.load_model:
-        checkpoint = load_checkpoint(config.load_model, device)
-        agent.load_state_dict(checkpoint["agent"])
-        start = config.offline_iterations  # a loaded agent skips offline pretraining
-    first_step, seconds = start, {"offline": 0.0, "online": 0.0}
-    snapshot = Snapshots.load(Path(config.resume), device) if config.resume else None
-    config.name = config.name or default_run_name(config)
-    logger = RunLogger(config, info, resumed=snapshot["logger"] if snapshot else None)
-    collector = OnlineCollector(env, info, config.seed, reward_scale, reward_bias)
-    if snapshot is not None:
-        agent.load_state_dict(snapshot["agent"])
-        online_buffer.load_state_dict(snapshot["online_buffer"])
-        collector.load_state_dict(snapshot["collector"])
-        first_step, seconds = snapshot["step"], snapshot["seconds"]
-        restore_rng_states(snapshot["rng"])
-        print(f"resumed {logger.run_dir} at step {first_step}")
-    snapshots, guard = Snapshots(logger.run_dir, config.snapshot_every), FiniteGuard()
-    checkpoint_dir = Path(config.checkpoints_path) / config.name if config.checkpoints_path else None
-    total = config.offline_iterations + config.online_iterations
-    score_key = "eval/normalized_score" if info.has_reference else "eval/return"
-    print(f"Cal-QL on {info.source} ({info.env_id}), {len(data['observations'])} transitions, device {device}, "
-          f"logs in {logger.run_dir}")
-
-    progress = tqdm(range(first_step, total), initial=first_step, total=total, desc="Cal-QL", mininterval=1.0)
-    clock = time.perf_counter()
-    postfix = {"phase": "offline" if first_step < config.offline_iterations else "online"}
-    try:
-        for t in progress:
-            phase = "offline" if t < config.offline_iterations else "online"
-            if t == config.offline_iterations:
-                postfix["phase"] = "online"
-                progress.set_postfix(postfix)
-                agent.start_online()
-            episode_log = None
-            if phase == "online":
-                action = agent.act(collector.state, explore=True)
-                transition, episode_log = collector.step(action)
-                # Online returns-to-go are never used: calibration is off online (CORL).
-                online_buffer.add(**transition, mc_returns=np.zeros(1, np.float32))
-                offline_part = offline_buffer.sample(offline_batch_size)
-                online_part = online_buffer.sample(online_batch_size)
-                batch = {name: torch.cat([offline_part[name], online_part[name]]) for name in columns}
-            else:
-                batch = offline_buffer.sample(config.batch_size)
-            losses = agent.update(batch)
-            step = t + 1
-            guard.watch(losses, step)
-            if step % config.log_freq == 0:
-                guard.check()
-                logger.log({f"train/{name}": value.item() for name, value in losses.items()}, step, phase)
-            if episode_log is not None:
-                logger.log({**episode_log, "env_steps": collector.env_steps}, step, phase)
-            if evaluation_due(step, config):
-                metrics = evaluate(eval_envs, lambda s: agent.act(s, explore=False), info, config.n_episodes,
-                                   config.eval_seed)
-                logger.log(metrics, step, phase)
-                postfix[score_key.split("/")[1]] = f"{metrics[score_key]:.1f}"
-                progress.set_postfix(postfix)
-                if checkpoint_dir is not None:
-                    save_checkpoint(checkpoint_dir / f"checkpoint_{step}.pt",
-                                    {"algorithm": ALGORITHM, "agent": agent.state_dict(), "step": step,
-                                     "phase": phase, "state_mean": state_mean, "state_std": state_std,
-                                     "config": asdict(config)})
-            now = time.perf_counter()
-            seconds[phase], clock = seconds[phase] + now - clock, now
-            if snapshots.due(step, phase == "online" and collector.episode_length > 0, max_steps):
-                guard.check()  # never snapshot a run that has gone bad
-                snapshots.save({"algorithm": ALGORITHM, "config": asdict(config), "step": step, "seconds": seconds,
-                                "agent": agent.state_dict(),
-                                "online_buffer": online_buffer.state_dict(), "collector": collector.state_dict(),
-                                "logger": logger.state_dict(), "rng": rng_states()})
-        guard.check()
-    except UserError as error:
-        if snapshots.path.is_file():
-            raise UserError(f"{error} (the last snapshot is kept: python {sys.argv[0]} --resume {logger.run_dir})"
-                            ) from None
-        raise
-    finally:
-        progress.close()
-        env.close()
-        eval_envs.close()
-    offline_seconds, online_seconds = seconds["offline"], seconds["online"]
-    summary = {
-        "algorithm": ALGORITHM, "dataset": info.source, "env": info.env_id, "seed": config.seed,
-        "score_metric": score_key,
-        "offline": {**phase_summary(logger.history, "offline"), "iterations": max(config.offline_iterations - start, 0),
-                    "wall_clock_s": round(offline_seconds, 2)},
-        "online": {**phase_summary(logger.history, "online"), "env_steps": collector.env_steps,
-                   "wall_clock_s": round(online_seconds, 2)},
-        "env_steps": collector.env_steps,
-        "versions": package_versions(),
-    }
-    logger.write_summary(summary)
-    logger.close()
-    snapshots.remove()  # the run is complete: its summary and checkpoints are what remains
-    return summary
 
 
 # ==== BEGIN SHARED: entry point ====

@@ -18,6 +18,7 @@ The file is self-contained: copy it into your project and it runs. A section mar
 `BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name holds it identically.
 """
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -28,7 +29,6 @@ import platform
 import random
 import re
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -102,31 +102,6 @@ class EDISConfig:
     guidance_clip: float = 1.0  # largest norm of each energy's shift of a denoised transition (standardised units)
     metric_samples: int = 1_000  # transitions per batch for the alignment metrics at each refresh
     drop_beyond_std: float = 10.0  # generated rows with a value this many data stds from the data mean are dropped
-
-
-def validate_edis_config(edis: EDISConfig) -> None:
-    check_range(edis, "mix_ratio", 0.0, 1.0, label="edis.mix_ratio")
-    for name in ("refresh_every", "num_samples", "width", "blocks", "batch_size", "sample_steps", "sample_batch_size",
-                 "positive_buffer_size", "energy_hidden", "energy_layers", "energy_batch_size", "energy_negatives",
-                 "negative_pool", "transition_pool", "metric_samples"):
-        check_range(edis, name, 1, math.inf, label=f"edis.{name}")
-    for name in ("initial_fit_steps", "refresh_fit_steps", "energy_epochs", "guidance_state", "guidance_transition",
-                 "guidance_policy", "s_churn"):
-        check_range(edis, name, 0, math.inf, label=f"edis.{name}")
-    for name in ("lr", "grad_clip", "energy_lr", "sigma_min", "sigma_data", "rho", "guidance_clip", "p_std",
-                 "drop_beyond_std"):
-        check_range(edis, name, 0.0, math.inf, low_inclusive=False, label=f"edis.{name}")
-    check_range(edis, "ema_decay", 0.0, 1.0, label="edis.ema_decay")
-    check_range(edis, "utd_ratio", 1, math.inf, label="edis.utd_ratio")
-    if edis.replay not in ("paper", "reference"):
-        raise UserError(f"edis.replay = {edis.replay!r} must be paper or reference")
-    if edis.transition_pool < edis.energy_negatives:
-        raise UserError(f"edis.transition_pool = {edis.transition_pool} must be at least edis.energy_negatives = "
-                        f"{edis.energy_negatives} (energy_negatives runs per conditioned positive)")
-    if edis.time_embedding_dim < 2 or edis.time_embedding_dim % 2:
-        raise UserError(f"edis.time_embedding_dim = {edis.time_embedding_dim} must be even and at least 2")
-    if edis.sigma_max <= edis.sigma_min:
-        raise UserError(f"edis.sigma_max = {edis.sigma_max} must exceed edis.sigma_min = {edis.sigma_min}")
 # ==== END SHARED: EDIS config ====
 
 
@@ -180,28 +155,996 @@ class TrainConfig:
     name: str = ""  # run name; empty: <algorithm>-<dataset>-seed<seed>-<8 hex>
     wandb_mode: str = "offline"  # online | offline | disabled
     log_dir: str = "runs"  # each run writes log_dir/<name>/: config.yaml, metrics.jsonl, summary.json
-    checkpoints_path: Optional[str] = None  # save a checkpoint at each evaluation to checkpoints_path/<name>/
+    checkpoints_path: str = ""  # save a checkpoint at each evaluation to checkpoints_path/<name>/ (empty: none)
     snapshot_every: int = 10_000  # steps between snapshots that --resume continues from (0: none)
     resume: str = ""  # a run directory (log_dir/<name>) to continue from its last snapshot
     load_model: str = ""  # checkpoint to start from; it skips offline pretraining
     edis: EDISConfig = field(default_factory=EDISConfig)  # EDIS settings: YAML section edis:, --edis.<field>
 
 
-def validate_config(config: TrainConfig) -> None:
-    validate_common_config(config)
-    check_range(config, "discount", 0.0, 1.0)
-    check_range(config, "soft_target_update_rate", 0.0, 1.0)
-    check_range(config, "mixing_ratio", 0.0, 1.0)
-    for name in ("policy_lr", "qf_lr", "cql_temp"):
-        check_range(config, name, 0.0, math.inf, low_inclusive=False)
-    for name in ("cql_alpha", "cql_alpha_online", "alpha_multiplier", "bc_steps"):
-        check_range(config, name, 0.0, math.inf)
-    for name in ("cql_n_actions", "q_n_hidden_layers", "target_update_period"):
-        check_range(config, name, 1, math.inf)
-    validate_edis_config(config.edis)
-    if config.edis.replay != "paper":
-        raise UserError("edis.replay = reference is the public IQL-EDIS loop; Cal-QL-EDIS's reference loop is the "
-                        "paper's (edis.replay: paper)")
+# ==== BEGIN SHARED: Cal-QL returns-to-go and networks ====
+# ---------------------------------------------------------------------------------------------
+# Cal-QL: Monte-Carlo returns-to-go of the offline data (the calibration bound)
+# ---------------------------------------------------------------------------------------------
+def returns_to_go(rewards: np.ndarray, terminals: np.ndarray, episode_ends: np.ndarray, discount: float,
+                  sparse_failure_reward: Optional[float] = None) -> np.ndarray:
+    """Discounted return from each transition to the end of its episode (CORL's get_return_to_go).
+
+    With sparse_failure_reward set, an episode whose rewards all equal it (it never reached the
+    goal) gets r / (1 - discount) everywhere, the return of failing forever.
+    """
+    returns = np.zeros(len(rewards), dtype=np.float64)
+    future = 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        if episode_ends[i]:
+            future = 0.0
+        future = rewards[i] + discount * future * (1.0 - terminals[i])
+        returns[i] = future
+    ends = np.nonzero(episode_ends)[0]
+    if sparse_failure_reward is not None and len(ends):
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        complete = rewards[:ends[-1] + 1]
+        failed = ((np.minimum.reduceat(complete, starts) == sparse_failure_reward)
+                  & (np.maximum.reduceat(complete, starts) == sparse_failure_reward))
+        for start, end in zip(starts[failed], ends[failed], strict=True):
+            returns[start:end + 1] = sparse_failure_reward / (1.0 - discount)
+    return returns.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+def init_linear(module: nn.Module, orthogonal: bool) -> None:
+    if isinstance(module, nn.Linear):
+        if orthogonal:
+            nn.init.orthogonal_(module.weight, gain=math.sqrt(2))
+            nn.init.constant_(module.bias, 0.0)
+        else:
+            nn.init.xavier_uniform_(module.weight, gain=1e-2)
+
+
+class Scalar(nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.constant = nn.Parameter(torch.tensor(value, dtype=torch.float32))
+
+    def forward(self) -> torch.Tensor:
+        return self.constant
+
+
+class TanhGaussianPolicy(nn.Module):
+    """SAC actor: a Gaussian squashed by tanh, 3 hidden layers of 256 (CORL's Cal-QL actor)."""
+
+    LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+    def __init__(self, state_dim: int, action_dim: int, max_action: float, orthogonal_init: bool):
+        super().__init__()
+        self.action_dim, self.max_action = action_dim, max_action
+        self.base_network = nn.Sequential(
+            nn.Linear(state_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+            nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2 * action_dim))
+        if orthogonal_init:
+            self.base_network.apply(lambda m: init_linear(m, True))
+        else:
+            init_linear(self.base_network[-1], False)
+        self.log_std_multiplier, self.log_std_offset = Scalar(1.0), Scalar(-1.0)
+
+    def distribution(self, states: torch.Tensor) -> Tuple[TransformedDistribution, torch.Tensor]:
+        mean, log_std = torch.split(self.base_network(states), self.action_dim, dim=-1)
+        log_std = (self.log_std_multiplier() * log_std + self.log_std_offset()).clamp(self.LOG_STD_MIN,
+                                                                                    self.LOG_STD_MAX)
+        # No argument checks: each costs a device sync, and NaN is reported by the run's FiniteGuard in one line.
+        normal = Normal(mean, log_std.exp(), validate_args=False)
+        return TransformedDistribution(normal, TanhTransform(cache_size=1), validate_args=False), mean
+
+    def forward(self, states: torch.Tensor, deterministic: bool = False,
+                repeat: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Actions in [-max_action, max_action] and their log-probabilities; repeat: (B, repeat, A)."""
+        if repeat is not None:
+            states = states.unsqueeze(1).expand(-1, repeat, -1)
+        distribution, mean = self.distribution(states)
+        actions = torch.tanh(mean) if deterministic else distribution.rsample()
+        return self.max_action * actions, distribution.log_prob(actions).sum(-1)
+
+    def log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        distribution, _ = self.distribution(states)
+        bound = 1.0 - 1e-6  # atanh of the data's +-1 actions would be infinite
+        return distribution.log_prob((actions / self.max_action).clamp(-bound, bound)).sum(-1)
+
+
+class FullyConnectedQFunction(nn.Module):
+    def __init__(self, state_dim: int, action_dim: int, orthogonal_init: bool, n_hidden_layers: int):
+        super().__init__()
+        layers: List[nn.Module] = [nn.Linear(state_dim + action_dim, 256), nn.ReLU()]
+        for _ in range(n_hidden_layers - 1):
+            layers += [nn.Linear(256, 256), nn.ReLU()]
+        layers.append(nn.Linear(256, 1))
+        self.network = nn.Sequential(*layers)
+        if orthogonal_init:
+            self.network.apply(lambda m: init_linear(m, True))
+        else:
+            init_linear(self.network[-1], False)
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q(s, a): (B,) for actions (B, A); (B, n) for actions (B, n, A)."""
+        if actions.ndim == 3 and states.ndim == 2:
+            states = states.unsqueeze(1).expand(-1, actions.shape[1], -1)
+        return self.network(torch.cat([states, actions], dim=-1)).squeeze(-1)
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - tau) target + tau source, one fused call over every parameter."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+# ==== END SHARED: Cal-QL returns-to-go and networks ====
+
+
+# ==== BEGIN SHARED: EDIS diffusion model ====
+@dataclass
+class TransitionLayout:
+    """Where s, a, r, s' (and the terminal flag) sit in a flat transition vector x."""
+
+    state_dim: int
+    action_dim: int
+    include_terminal: bool
+
+    @property
+    def dim(self) -> int:
+        return 2 * self.state_dim + self.action_dim + 1 + int(self.include_terminal)
+
+    def block_masks(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        """0/1 masks of the blocks each energy's guidance may touch: s, a, and (r, s', done)."""
+        s, a = self.state_dim, self.action_dim
+        masks = {name: torch.zeros(self.dim, device=device) for name in ("state", "policy", "transition")}
+        masks["state"][:s] = 1.0
+        masks["policy"][s:s + a] = 1.0
+        masks["transition"][s + a:] = 1.0
+        return masks
+
+    def join(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = [batch["states"], batch["actions"], batch["rewards"], batch["next_states"]]
+        if self.include_terminal:
+            parts.append(batch["dones"])
+        return torch.cat(parts, dim=-1)
+
+    def split(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        s, a = self.state_dim, self.action_dim
+        dones = (x[:, -1:] > 0.5).float() if self.include_terminal else torch.zeros_like(x[:, :1])
+        return {"states": x[:, :s], "actions": x[:, s:s + a], "rewards": x[:, s + a:s + a + 1],
+                "next_states": x[:, s + a + 1:2 * s + a + 1], "dones": dones}
+
+
+class RandomFourierEmbedding(nn.Module):
+    """Fixed random Fourier features of EDM's noise input c_noise = ln(sigma) / 4."""
+
+    def __init__(self, dim: int, scale: float = 16.0):
+        super().__init__()
+        self.register_buffer("frequencies", torch.randn(dim // 2) * scale)
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        angles = 2 * math.pi * c_noise[:, None] * self.frequencies[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm, self.linear = nn.LayerNorm(width), nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.linear(F.silu(self.norm(h)))
+
+
+class ResidualMLPDenoiser(nn.Module):
+    """SynthER-style residual MLP: F(x, c_noise), the raw network inside EDM's preconditioning."""
+
+    def __init__(self, dim: int, width: int, blocks: int, time_embedding_dim: int):
+        super().__init__()
+        self.input = nn.Linear(dim, width)
+        self.time = nn.Sequential(RandomFourierEmbedding(time_embedding_dim), nn.Linear(time_embedding_dim, width),
+                                  nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(blocks)])
+        self.output = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        return self.output(self.blocks(self.input(x) + self.time(c_noise)))
+
+
+class TransitionDiffusion:
+    """EDM (Karras et al. 2022) over transitions standardised per dimension.
+
+    Training: log-normal noise levels, EDM's loss weighting. Sampling: the stochastic Heun sampler
+    on the EMA weights, optionally with a guidance term; it can also record the sampler's state at
+    every level where it calls the denoiser (the energies' negatives come from there).
+    """
+
+    def __init__(self, dim: int, config: EDISConfig, device: torch.device):
+        self.dim, self.config, self.device = dim, config, device
+        self.mean = torch.zeros(dim, device=device)
+        self.std = torch.ones(dim, device=device)
+        self.reset_weights()
+
+    def reset_weights(self) -> None:
+        config = self.config
+        self.model = ResidualMLPDenoiser(self.dim, config.width, config.blocks, config.time_embedding_dim).to(
+            self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, network: Optional[nn.Module] = None) -> torch.Tensor:
+        """D(x; sigma) with EDM's preconditioning; sigma has one entry per row."""
+        network = self.ema if network is None else network
+        sigma = sigma.reshape(-1, 1)
+        sigma_data = self.config.sigma_data
+        c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+        c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+        c_in = 1.0 / (sigma**2 + sigma_data**2).sqrt()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            out = network(c_in * x, sigma.log().flatten() / 4)
+        return c_skip * x + c_out * out.float()
+
+    def fit(self, data: torch.Tensor, steps: int, desc: str = "diffusion") -> float:
+        """Trains the denoiser on raw transitions (the standardisation is refit on them); returns the last loss."""
+        config = self.config
+        self.mean, self.std = data.mean(0), data.std(0) + 1e-3
+        normalized = self.normalize(data)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(steps, 1))
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.lr
+        loss = torch.zeros((), device=self.device)
+        for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0, disable=steps < 1000):
+            x0 = normalized[torch.randint(0, len(normalized), (config.batch_size,), device=self.device)]
+            sigma = (torch.randn(len(x0), device=self.device) * config.p_std + config.p_mean).exp()
+            weight = (sigma**2 + config.sigma_data**2) / (sigma * config.sigma_data) ** 2
+            denoised = self.denoise(x0 + sigma[:, None] * torch.randn_like(x0), sigma, self.model)
+            loss = (weight[:, None] * (denoised - x0) ** 2).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            self.optimizer.step()
+            schedule.step()
+            with torch.no_grad():  # one fused call for the whole EMA update
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - config.ema_decay)
+        return float(loss.detach())
+
+    def sampler_levels(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(sigma_i for i = 0..N with sigma_N = 0, and the churned levels sigma_hat_i for i < N)."""
+        config = self.config
+        steps = config.sample_steps
+        ramp = torch.linspace(0, 1, steps, device=self.device, dtype=torch.float64)
+        inv_rho = 1.0 / config.rho
+        sigmas = (config.sigma_max**inv_rho + ramp * (config.sigma_min**inv_rho - config.sigma_max**inv_rho))
+        sigmas = torch.cat([sigmas**config.rho, sigmas.new_zeros(1)])
+        gamma = min(config.s_churn / steps, math.sqrt(2) - 1)
+        churn = (sigmas[:-1] >= config.s_tmin) & (sigmas[:-1] <= config.s_tmax)
+        sigma_hats = sigmas[:-1] * (1 + gamma * churn)
+        return sigmas.float(), sigma_hats.float()
+
+    def guidance_levels(self) -> torch.Tensor:
+        """Every noise level at which the sampler calls the denoiser (and so the guidance), in call order."""
+        sigmas, sigma_hats = self.sampler_levels()
+        levels = []
+        for i in range(len(sigma_hats)):
+            levels.append(sigma_hats[i])
+            if i < len(sigma_hats) - 1:  # the last step goes to sigma = 0 without a correction
+                levels.append(sigmas[i + 1])
+        return torch.stack(levels)
+
+    def sample(self, count: int, guidance: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+               record: bool = False, known: Optional[torch.Tensor] = None, known_mask: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`count` raw transitions; with record, also the standardised states at every guidance level
+        (levels x count x dim). guidance(x, sigma) returns the shift subtracted from each denoised estimate.
+        known (count x dim, standardised) and known_mask (dim): the masked block of row i is held at
+        known[i] noised to each level (replacement inpainting), so the rest is drawn given it."""
+        samples, trajectories = [], []
+        for start in range(0, count, self.config.sample_batch_size):
+            rows = min(self.config.sample_batch_size, count - start)
+            held = None if known is None else (known[start:start + rows], known_mask)
+            x, trajectory = self._sample_batch(rows, guidance, record, held)
+            samples.append(x)
+            trajectories.append(trajectory)
+        recorded = torch.cat(trajectories, dim=1) if record else None
+        return self.unnormalize(torch.cat(samples)), recorded
+
+    def _guided_denoise(self, x: torch.Tensor, sigma: torch.Tensor, guidance: Optional[Callable]) -> torch.Tensor:
+        sigma_rows = sigma.expand(len(x))
+        with torch.no_grad():
+            denoised = self.denoise(x, sigma_rows)
+        if guidance is None:
+            return denoised
+        # Score of p * exp(-E) is score - grad E, so the guided denoised estimate is D - sigma^2 grad E.
+        return denoised - guidance(x, sigma_rows)
+
+    def _sample_batch(self, count: int, guidance: Optional[Callable], record: bool,
+                      held: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, Any]:
+        config = self.config
+        sigmas, sigma_hats = self.sampler_levels()
+        x = torch.randn(count, self.dim, device=self.device) * sigmas[0]
+        if held is None:
+            def hold(values: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                return values
+        else:
+            known, mask = held
+            held_noise = torch.randn_like(x)  # one noise draw per row: the held block moves smoothly to known
+
+            def hold(values: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                return values * (1 - mask) + (known + sigma * held_noise) * mask
+        x = hold(x, sigmas[0])
+        states = []
+        for i in range(config.sample_steps):
+            sigma, sigma_hat, sigma_next = sigmas[i], sigma_hats[i], sigmas[i + 1]
+            x_hat = x + (sigma_hat**2 - sigma**2).clamp_min(0).sqrt() * config.s_noise * torch.randn_like(x)
+            x_hat = hold(x_hat, sigma_hat)
+            if record:
+                states.append(x_hat)
+            d = (x_hat - self._guided_denoise(x_hat, sigma_hat, guidance)) / sigma_hat
+            x = x_hat + (sigma_next - sigma_hat) * d
+            if i < config.sample_steps - 1:  # sigma_next > 0, decided on the host (no device sync)
+                x = hold(x, sigma_next)
+                if record:
+                    states.append(x)
+                d_next = (x - self._guided_denoise(x, sigma_next, guidance)) / sigma_next
+                x = x_hat + (sigma_next - sigma_hat) * (d + d_next) / 2
+            x = hold(x, sigma_next)
+        return x, (torch.stack(states) if record else None)
+# ==== END SHARED: EDIS diffusion model ====
+
+
+# ==== BEGIN SHARED: EDIS energies and guidance ====
+class EnergyNetwork(nn.Module):
+    """E(x_sigma, sigma): an MLP on the noised transition and the noise level's Fourier features."""
+
+    def __init__(self, dim: int, hidden: int, layers: int, time_embedding_dim: int):
+        super().__init__()
+        self.time = RandomFourierEmbedding(time_embedding_dim)
+        sizes = [dim + time_embedding_dim, *[hidden] * layers, 1]
+        modules: List[nn.Module] = []
+        for i in range(len(sizes) - 1):
+            modules.append(nn.Linear(sizes[i], sizes[i + 1]))
+            if i < len(sizes) - 2:
+                modules.append(nn.ReLU())
+        self.net = nn.Sequential(*modules)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, self.time(sigma.log() / 4)], dim=-1)).squeeze(-1)
+
+
+class TransitionEnergies:
+    """E_state, E_policy, E_transition trained by contrastive energy prediction (InfoNCE).
+
+    A positive (a recent online transition, noised to level sigma) competes with K negatives at that
+    same level, each differing from it only in the block its energy guides, so that the energy can
+    tell them apart by that block alone:
+    - E_state: the sampler's own states (every block is the model's);
+    - E_policy: the positive's action is the current policy's, the negatives' the model's; s, r, s'
+      are the positive's;
+    - E_transition: the negatives' (r, s', done) come from sampler runs whose (s, a) block was held
+      at the positive's (inpainting), so they are draws of p_model(r, s' | s, a), not of the model's
+      marginal; their (s, a) is the positive's.
+    The loss picks the positive with logits -E, so at the optimum exp(-E) is proportional to online
+    density / model density (for E_transition, of r, s' given s, a). Only energies with a non-zero
+    guidance scale are trained or evaluated.
+    """
+
+    NAMES = ("state", "policy", "transition")
+
+    def __init__(self, layout: TransitionLayout, config: EDISConfig, device: torch.device):
+        self.layout, self.config, self.device = layout, config, device
+        self.scales = {"state": config.guidance_state, "policy": config.guidance_policy,
+                       "transition": config.guidance_transition}
+        self.active = [name for name in self.NAMES if self.scales[name] > 0]
+        self.masks = layout.block_masks(device)
+        self.networks = {name: EnergyNetwork(layout.dim, config.energy_hidden, config.energy_layers,
+                                             config.time_embedding_dim).to(device) for name in self.active}
+        self.optimizers = {name: torch.optim.Adam(self.networks[name].parameters(), lr=config.energy_lr)
+                           for name in self.active}
+        self.reset_guidance_statistics()
+
+    def _infonce(self, name: str, positive: torch.Tensor, negatives: torch.Tensor, sigma: torch.Tensor
+                 ) -> torch.Tensor:
+        """positive (B, dim), negatives (B, K, dim), sigma (B,): cross-entropy of picking the positive."""
+        candidates = torch.cat([positive[:, None], negatives], dim=1)
+        batch, count, dim = candidates.shape
+        energies = self.networks[name](candidates.reshape(-1, dim), sigma.repeat_interleave(count))
+        logits = -energies.reshape(batch, count)
+        return F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=self.device))
+
+    def negatives(self, name: str, positive: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+        """Negatives (B, K, dim) for positives (B, dim): the drawn sampler states in the energy's own block
+        (all of it for E_state), the positive's values everywhere else."""
+        own = torch.ones_like(self.masks[name]) if name == "state" else self.masks[name]
+        return drawn * own + positive[:, None] * (1 - own)
+
+    def train(self, positives: torch.Tensor, policy_positives: torch.Tensor, trajectory: torch.Tensor,
+              levels: torch.Tensor, epochs: int, conditioned: Optional[torch.Tensor] = None,
+              conditioned_trajectory: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """positives, policy_positives: standardised transitions (N, dim); trajectory: the sampler's states at
+        each level (L, M, dim); levels: those L noise levels. conditioned (P, dim): the positives whose (s, a)
+        held conditioned_trajectory's runs, energy_negatives runs each, in order (L, P * K, dim): E_transition's
+        positives and negatives. Every energy makes the same number of updates. Returns each last loss."""
+        config, losses = self.config, {}
+        count, pool, negatives_per_row = len(positives), trajectory.shape[1], config.energy_negatives
+        if "transition" in self.active and (conditioned is None or conditioned_trajectory is None):
+            raise ValueError("E_transition needs sampler runs conditioned on its positives' (s, a)")
+        offsets = torch.arange(negatives_per_row, device=self.device)
+        for _ in range(epochs):
+            order = torch.randperm(count, device=self.device)
+            for start in range(0, count, config.energy_batch_size):
+                index = order[start:start + config.energy_batch_size]
+                batch = len(index)
+                level = torch.randint(0, len(levels), (batch,), device=self.device)
+                sigma = levels[level]
+                noise = torch.randn(batch, self.layout.dim, device=self.device)
+                negative_rows = torch.randint(0, pool, (batch, negatives_per_row), device=self.device)
+                for name in self.active:
+                    if name == "transition":
+                        rows = torch.randint(0, len(conditioned), (batch,), device=self.device)
+                        positive = conditioned[rows] + sigma[:, None] * noise
+                        drawn = conditioned_trajectory[level[:, None], rows[:, None] * negatives_per_row + offsets]
+                    else:
+                        positive = (policy_positives if name == "policy" else positives)[index] + sigma[:, None] * noise
+                        drawn = trajectory[level[:, None], negative_rows]  # (B, K, dim) at the positive's level
+                    loss = self._infonce(name, positive, self.negatives(name, positive, drawn), sigma)
+                    self.optimizers[name].zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizers[name].step()
+                    losses[name] = loss.detach()
+        return {name: float(loss) for name, loss in losses.items()}
+
+    def reset_guidance_statistics(self) -> None:
+        """Running sums (on the device) behind guidance_statistics()."""
+        self.guidance_sums = {kind: {name: torch.zeros((), device=self.device) for name in self.active}
+                              for kind in ("norm", "clipped")}
+        self.guidance_sums["rows"] = torch.zeros((), device=self.device)
+
+    def guidance_statistics(self) -> Dict[str, float]:
+        """Per energy, over every guided denoiser call since the reset: the mean norm of its shift
+        before clipping (standardised units) and the share of rows whose shift the clip cut."""
+        sums = self.guidance_sums
+        rows = float(sums["rows"])
+        if rows == 0:
+            return {}
+        stats = {}
+        for name in self.active:
+            stats[f"edis/guidance_norm_{name}"] = float(sums["norm"][name]) / rows
+            stats[f"edis/guidance_clipped_{name}"] = float(sums["clipped"][name]) / rows
+        return stats
+
+    def guidance(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The shift sigma^2 * scale_k * grad_x E_k(x, sigma) of each energy's block, each clipped in norm.
+
+        One backward pass: each energy sees its own block attached to the graph and the other blocks
+        detached, so the gradient of the weighted sum is already masked per energy. The blocks are
+        disjoint, so each energy's shift is clipped on its own: one energy's outlier does not mute the others.
+        """
+        if not self.active:
+            return torch.zeros_like(x)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            total = x.new_zeros(())
+            for name in self.active:
+                mask = self.masks[name]
+                total = total + self.scales[name] * self.networks[name](x * mask + x.detach() * (1 - mask), sigma).sum()
+            (gradient,) = torch.autograd.grad(total, x)
+        gradient = sigma[:, None] ** 2 * gradient
+        shift = torch.zeros_like(x)
+        sums = self.guidance_sums
+        for name in self.active:
+            block = gradient * self.masks[name]
+            norm = block.norm(dim=-1, keepdim=True)
+            shift = shift + block * (self.config.guidance_clip / norm.clamp_min(1e-12)).clamp(max=1.0)
+            sums["norm"][name] += norm.sum()
+            sums["clipped"][name] += (norm > self.config.guidance_clip).sum()
+        sums["rows"] += len(x)
+        return shift
+# ==== END SHARED: EDIS energies and guidance ====
+
+
+# ==== BEGIN SHARED: EDIS refresh ====
+def recent_rows(buffer: "ReplayBuffer", count: int) -> Dict[str, torch.Tensor]:
+    """The last `count` rows added to a replay buffer (all rows when fewer), oldest first."""
+    count = min(count, buffer.size)
+    index = (buffer.pointer - count + torch.arange(count, device=buffer.device)) % buffer.capacity
+    return {name: column[index] for name, column in buffer.data.items()}
+
+
+class EDIS:
+    """Owns the diffusion model, the three energies and the buffer of generated transitions.
+
+    `refresh` is one round of the method: fit the diffusion model (on offline + online data), train
+    the energies on the most recent online transitions, refill the generated buffer with guided
+    samples, and measure what guidance bought against unguided samples of the same model.
+    """
+
+    def __init__(self, config: EDISConfig, state_dim: int, action_dim: int, max_action: float,
+                 device: torch.device, fidelity_env: gym.Env, state_mean: np.ndarray, state_std: np.ndarray,
+                 reward_scale: float, reward_bias: float):
+        self.config, self.device, self.max_action = config, device, max_action
+        self.layout = TransitionLayout(state_dim, action_dim, config.include_terminal)
+        self.diffusion = TransitionDiffusion(self.layout.dim, config, device)
+        self.energies = TransitionEnergies(self.layout, config, device)
+        columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1}
+        self.generated = ReplayBuffer(config.num_samples, columns, device)
+        self.fidelity_env = fidelity_env
+        self.state_mean, self.state_std = state_mean, state_std
+        self.reward_scale, self.reward_bias = reward_scale, reward_bias
+        self.refreshes = 0
+        self.fidelity_note_shown = False
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Diffusion model (with its EMA, optimiser and standardisation) and energies, for checkpoints."""
+        diffusion = self.diffusion
+        return {"model": diffusion.model.state_dict(), "ema": diffusion.ema.state_dict(),
+                "optimizer": diffusion.optimizer.state_dict(), "mean": diffusion.mean, "std": diffusion.std,
+                "energies": {name: network.state_dict() for name, network in self.energies.networks.items()},
+                "energy_optimizers": {name: opt.state_dict() for name, opt in self.energies.optimizers.items()},
+                "refreshes": self.refreshes}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """A loaded model is warm: the next refresh fits it for refresh_fit_steps, not initial_fit_steps."""
+        diffusion = self.diffusion
+        diffusion.model.load_state_dict(state["model"])
+        diffusion.ema.load_state_dict(state["ema"])
+        diffusion.optimizer.load_state_dict(state["optimizer"])
+        diffusion.mean, diffusion.std = state["mean"], state["std"]
+        for name, network in self.energies.networks.items():
+            if name in state["energies"]:
+                network.load_state_dict(state["energies"][name])
+                self.energies.optimizers[name].load_state_dict(state["energy_optimizers"][name])
+        self.refreshes = state["refreshes"]
+
+    def refresh(self, offline: Dict[str, torch.Tensor], online_buffer: "ReplayBuffer", agent: Any) -> Dict[str, float]:
+        """One EDIS round. Without online data yet, only the diffusion model is fitted."""
+        config, log = self.config, {}
+        columns = ("states", "actions", "rewards", "next_states", "dones")
+        online = recent_rows(online_buffer, len(online_buffer))
+        data = self.layout.join({name: torch.cat([offline[name], online[name]]) for name in columns})
+        first = self.refreshes == 0
+        if config.retrain_from_scratch and not first:
+            self.diffusion.reset_weights()
+        start = time.perf_counter()
+        steps = config.initial_fit_steps if first else config.refresh_fit_steps
+        log["edis/diffusion_loss"] = self.diffusion.fit(data, steps, desc=f"EDIS fit {self.refreshes}")
+        check_finite_values({"edis/diffusion_loss": log["edis/diffusion_loss"]},
+                            f"in the denoiser fit of refresh {self.refreshes}")
+        log["edis/time_diffusion_s"] = time.perf_counter() - start
+        self.refreshes += 1
+        if len(online_buffer) == 0:
+            return log
+
+        start = time.perf_counter()
+        recent = recent_rows(online_buffer, config.positive_buffer_size)
+        positives = self.diffusion.normalize(self.layout.join(recent))
+        on_policy = dict(recent, actions=sample_policy_actions(agent, recent["states"]))
+        policy_positives = self.diffusion.normalize(self.layout.join(on_policy))
+        with torch.no_grad():
+            unguided, trajectory = self.diffusion.sample(config.negative_pool, record=True)
+            conditioned, conditioned_trajectory = None, None
+            if "transition" in self.energies.active:  # runs that draw (r, s') given each positive's (s, a)
+                rows = torch.randperm(len(positives), device=self.device)[:config.transition_pool
+                                                                          // config.energy_negatives]
+                conditioned = positives[rows]
+                masks = self.energies.masks
+                _, conditioned_trajectory = self.diffusion.sample(
+                    len(rows) * config.energy_negatives, record=True,
+                    known=conditioned.repeat_interleave(config.energy_negatives, 0),
+                    known_mask=masks["state"] + masks["policy"])
+        levels = self.diffusion.guidance_levels()
+        sampling_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        for name, loss in self.energies.train(positives, policy_positives, trajectory, levels, config.energy_epochs,
+                                              conditioned, conditioned_trajectory).items():
+            log[f"edis/energy_loss_{name}"] = loss
+        check_finite_values({key: value for key, value in log.items() if key.startswith("edis/energy_loss")},
+                            f"in the energy training of refresh {self.refreshes}")
+        log["edis/time_energy_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        self.energies.reset_guidance_statistics()
+        guided, _ = self.diffusion.sample(config.num_samples, guidance=self.energies.guidance)
+        guidance_log = self.energies.guidance_statistics()
+        check_finite_values(guidance_log, f"in the guided sampling of refresh {self.refreshes}")
+        log.update(guidance_log)
+        # Rows far outside the data (in any dimension) are the sampler's failures, not transitions: drop them.
+        # The comparison is false for NaN, so such rows go too.
+        in_range = (self.diffusion.normalize(guided).abs() <= config.drop_beyond_std).all(dim=1)
+        guided = guided[in_range]
+        log["edis/dropped_out_of_range"] = float(config.num_samples - len(guided))
+        generated = self.layout.split(guided)
+        generated["actions"] = generated["actions"].clamp(-self.max_action, self.max_action)
+        self.generated.size = self.generated.pointer = 0  # the new samples replace the old ones
+        self.generated.add_batch(**generated)
+        log["edis/time_sampling_s"] = sampling_seconds + time.perf_counter() - start
+        log["edis/generated"] = float(len(self.generated))
+
+        count = min(config.metric_samples, len(unguided), len(guided))
+        if count < 2:  # everything was dropped: nothing to measure
+            return log
+        reference_states = recent["states"][-count:]
+        log["edis/state_mmd_offline"] = rbf_mmd(offline["states"][torch.randperm(len(offline["states"]),
+                                                                                  device=self.device)[:count]],
+                                                reference_states)
+        # The dynamics errors are in units of the data's std, so that numbers compare across envs.
+        data_std = {"next_states": offline["next_states"].std(0).cpu().numpy() * self.state_std + 1e-6,
+                    "rewards": float(offline["rewards"].std()) / abs(self.reward_scale) + 1e-6}
+        for label, samples in (("guided", guided[:count]), ("unguided", unguided[:count])):
+            log.update(self.alignment(label, self.layout.split(samples), reference_states, agent, data_std))
+        return log
+
+    def alignment(self, label: str, batch: Dict[str, torch.Tensor], online_states: torch.Tensor,
+                  agent: Any, data_std: Dict[str, Any]) -> Dict[str, float]:
+        """The three properties of generated data the paper claims, for one batch (means with standard errors)."""
+        metrics = {f"edis/state_mmd_{label}": rbf_mmd(batch["states"], online_states)}
+        log_prob = policy_log_prob(agent, batch["states"], batch["actions"].clamp(-self.max_action, self.max_action))
+        if log_prob is not None:
+            mean, error = mean_and_standard_error(log_prob.cpu().numpy())
+            metrics[f"edis/policy_loglik_{label}"], metrics[f"edis/policy_loglik_{label}_se"] = mean, error
+        raw = {name: batch[name].cpu().numpy() for name in ("states", "actions", "next_states", "rewards")}
+        errors = dynamics_errors(
+            self.fidelity_env, raw["states"] * self.state_std + self.state_mean, raw["actions"],
+            raw["next_states"] * self.state_std + self.state_mean,
+            (raw["rewards"][:, 0] - self.reward_bias) / self.reward_scale, data_std["next_states"],
+            data_std["rewards"])
+        if errors is None:
+            if not self.fidelity_note_shown:
+                print("note: dynamics fidelity is skipped: this env's observation does not determine its "
+                      "simulator state", file=sys.stderr)
+                self.fidelity_note_shown = True
+            return metrics
+        for name, values in zip(("dynamics_state_mse", "dynamics_reward_mae"), errors, strict=True):
+            mean, error = mean_and_standard_error(values)
+            metrics[f"edis/{name}_{label}"], metrics[f"edis/{name}_{label}_se"] = mean, error
+        return metrics
+# ==== END SHARED: EDIS refresh ====
+
+
+# ==== BEGIN SHARED: Cal-QL agent ====
+# ---------------------------------------------------------------------------------------------
+# Agent
+# ---------------------------------------------------------------------------------------------
+class CalQL:
+    def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
+                 device: torch.device):
+        self.config, self.device = config, device
+        self.actor = TanhGaussianPolicy(state_dim, action_dim, max_action, config.orthogonal_init).to(device)
+        self.critic_1 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
+                                                config.q_n_hidden_layers).to(device)
+        self.critic_2 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
+                                                config.q_n_hidden_layers).to(device)
+        self.target_critic_1 = copy.deepcopy(self.critic_1).requires_grad_(False)
+        self.target_critic_2 = copy.deepcopy(self.critic_2).requires_grad_(False)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), config.policy_lr)
+        self.critic_optimizer = torch.optim.Adam([*self.critic_1.parameters(), *self.critic_2.parameters()],
+                                                 config.qf_lr)
+        self.log_alpha = Scalar(0.0).to(device)
+        self.alpha_optimizer = torch.optim.Adam(self.log_alpha.parameters(), config.policy_lr)
+        self.log_alpha_prime = Scalar(1.0).to(device)
+        self.alpha_prime_optimizer = torch.optim.Adam(self.log_alpha_prime.parameters(), config.qf_lr)
+        self.target_entropy = -float(action_dim)
+        self.cql_alpha = config.cql_alpha
+        self.calibration_enabled = True
+        self.total_it = 0
+
+    def start_online(self) -> None:
+        """As CORL: online, calibration is off and the regulariser takes cql_alpha_online."""
+        self.calibration_enabled = False
+        self.cql_alpha = self.config.cql_alpha_online
+
+    def _q_loss(self, batch: Dict[str, torch.Tensor], alpha: torch.Tensor,
+                log: Dict[str, torch.Tensor]) -> torch.Tensor:
+        config = self.config
+        states, actions, next_states = batch["states"], batch["actions"], batch["next_states"]
+        rewards, dones = batch["rewards"].squeeze(-1), batch["dones"].squeeze(-1)
+        q1_predicted, q2_predicted = self.critic_1(states, actions), self.critic_2(states, actions)
+
+        with torch.no_grad():
+            if config.cql_max_target_backup:
+                next_actions, next_log_pi = self.actor(next_states, repeat=config.cql_n_actions)
+                target_q = torch.min(self.target_critic_1(next_states, next_actions),
+                                     self.target_critic_2(next_states, next_actions))
+                target_q, best = target_q.max(-1)
+                next_log_pi = next_log_pi.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+            else:
+                next_actions, next_log_pi = self.actor(next_states)
+                target_q = torch.min(self.target_critic_1(next_states, next_actions),
+                                     self.target_critic_2(next_states, next_actions))
+            if config.backup_entropy:
+                target_q = target_q - alpha * next_log_pi
+            td_target = rewards + (1.0 - dones) * config.discount * target_q
+        qf1_loss, qf2_loss = F.mse_loss(q1_predicted, td_target), F.mse_loss(q2_predicted, td_target)
+
+        # CQL regulariser: log-sum-exp of Q over random, current-policy and next-state-policy actions.
+        batch_size, action_dim, n = actions.shape[0], actions.shape[-1], config.cql_n_actions
+        random_actions = actions.new_empty((batch_size, n, action_dim)).uniform_(-1, 1)
+        with torch.no_grad():
+            current_actions, current_log_pis = self.actor(states, repeat=n)
+            next_actions, next_log_pis = self.actor(next_states, repeat=n)
+        q1_rand, q2_rand = self.critic_1(states, random_actions), self.critic_2(states, random_actions)
+        q1_current, q2_current = self.critic_1(states, current_actions), self.critic_2(states, current_actions)
+        q1_next, q2_next = self.critic_1(states, next_actions), self.critic_2(states, next_actions)
+
+        # Cal-QL: Q-values of policy actions are bounded below by the Monte-Carlo return-to-go.
+        lower_bounds = batch["mc_returns"].expand(-1, n)
+        log["bound_rate_cql_q1_current_actions"] = (q1_current < lower_bounds).float().mean().detach()
+        if self.calibration_enabled:
+            q1_current, q2_current = torch.maximum(q1_current, lower_bounds), torch.maximum(q2_current, lower_bounds)
+            q1_next, q2_next = torch.maximum(q1_next, lower_bounds), torch.maximum(q2_next, lower_bounds)
+
+        if config.cql_importance_sample:
+            random_density = math.log(0.5**action_dim)
+            cat_q1 = torch.cat([q1_rand - random_density, q1_next - next_log_pis, q1_current - current_log_pis], 1)
+            cat_q2 = torch.cat([q2_rand - random_density, q2_next - next_log_pis, q2_current - current_log_pis], 1)
+        else:
+            cat_q1 = torch.cat([q1_rand, q1_predicted.unsqueeze(1), q1_next, q1_current], 1)
+            cat_q2 = torch.cat([q2_rand, q2_predicted.unsqueeze(1), q2_next, q2_current], 1)
+        qf1_ood = torch.logsumexp(cat_q1 / config.cql_temp, dim=1) * config.cql_temp
+        qf2_ood = torch.logsumexp(cat_q2 / config.cql_temp, dim=1) * config.cql_temp
+        qf1_diff = (qf1_ood - q1_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
+        qf2_diff = (qf2_ood - q2_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
+
+        if config.cql_lagrange:
+            alpha_prime = self.log_alpha_prime().exp().clamp(0.0, 1e6)
+            gaps = (qf1_diff.detach() - config.cql_target_action_gap, qf2_diff.detach() - config.cql_target_action_gap)
+            alpha_prime_loss = -0.5 * alpha_prime * self.cql_alpha * (gaps[0] + gaps[1])
+            self.alpha_prime_optimizer.zero_grad(set_to_none=True)
+            alpha_prime_loss.backward()
+            self.alpha_prime_optimizer.step()
+            alpha_prime = alpha_prime.detach()
+            cql_loss_1 = alpha_prime * self.cql_alpha * (qf1_diff - config.cql_target_action_gap)
+            cql_loss_2 = alpha_prime * self.cql_alpha * (qf2_diff - config.cql_target_action_gap)
+            log["alpha_prime"] = alpha_prime
+        else:
+            cql_loss_1, cql_loss_2 = qf1_diff * self.cql_alpha, qf2_diff * self.cql_alpha
+        log.update(qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), cql_min_qf1_loss=cql_loss_1.detach(),
+                   cql_min_qf2_loss=cql_loss_2.detach(), average_qf1=q1_predicted.detach().mean(),
+                   average_target_q=target_q.mean(), cql_q1_rand=q1_rand.detach().mean(),
+                   cql_q1_current_actions=q1_current.detach().mean(), cql_q1_next_actions=q1_next.detach().mean())
+        return qf1_loss + qf2_loss + cql_loss_1 + cql_loss_2
+
+    def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One Cal-QL step: temperature, actor (SAC), then critics (TD + calibrated CQL)."""
+        self.total_it += 1
+        config = self.config
+        states = batch["states"]
+        new_actions, log_pi = self.actor(states)
+        if config.use_automatic_entropy_tuning:
+            alpha_loss = -(self.log_alpha() * (log_pi + self.target_entropy).detach()).mean()
+            alpha = self.log_alpha().exp() * config.alpha_multiplier
+        else:
+            alpha_loss = states.new_tensor(0.0)
+            alpha = states.new_tensor(config.alpha_multiplier)
+
+        if self.total_it <= config.bc_steps:
+            policy_loss = (alpha.detach() * log_pi - self.actor.log_prob(states, batch["actions"])).mean()
+        else:
+            q_new_actions = torch.min(self.critic_1(states, new_actions), self.critic_2(states, new_actions))
+            policy_loss = (alpha.detach() * log_pi - q_new_actions).mean()
+
+        log: Dict[str, torch.Tensor] = {"policy_loss": policy_loss.detach(), "alpha_loss": alpha_loss.detach(),
+                                        "alpha": alpha.detach(), "log_pi": log_pi.detach().mean()}
+        qf_loss = self._q_loss(batch, alpha.detach(), log)
+
+        if config.use_automatic_entropy_tuning:
+            self.alpha_optimizer.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_optimizer.step()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        policy_loss.backward()
+        self.actor_optimizer.step()
+        self.critic_optimizer.zero_grad(set_to_none=True)  # also drops what policy_loss left in the critics
+        qf_loss.backward()
+        self.critic_optimizer.step()
+        if self.total_it % config.target_update_period == 0:
+            soft_update(self.target_critic_1, self.critic_1, config.soft_target_update_rate)
+            soft_update(self.target_critic_2, self.critic_2, config.soft_target_update_rate)
+        return log
+
+    @torch.no_grad()
+    def act(self, state: np.ndarray, explore: bool) -> np.ndarray:
+        """Evaluation: tanh of the mean. Exploration: a sample of the policy."""
+        states = torch.atleast_2d(torch.as_tensor(state, dtype=torch.float32, device=self.device))
+        action, _ = self.actor(states, deterministic=not explore)
+        action = action.cpu().numpy()
+        return action[0] if np.ndim(state) == 1 else action
+
+    def state_dict(self) -> Dict[str, Any]:
+        names = ("actor", "critic_1", "critic_2", "target_critic_1", "target_critic_2", "log_alpha",
+                 "log_alpha_prime", "actor_optimizer", "critic_optimizer", "alpha_optimizer", "alpha_prime_optimizer")
+        return {**{name: getattr(self, name).state_dict() for name in names}, "total_it": self.total_it,
+                "cql_alpha": self.cql_alpha, "calibration_enabled": self.calibration_enabled}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for name, value in state.items():
+            if name in ("total_it", "cql_alpha", "calibration_enabled"):
+                setattr(self, name, value)
+            else:
+                getattr(self, name).load_state_dict(value)
+# ==== END SHARED: Cal-QL agent ====
+
+
+# ---------------------------------------------------------------------------------------------
+# What EDIS asks of the Cal-QL policy (the policy energy's positives and the log-likelihood metric)
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_policy_actions(agent: CalQL, states: torch.Tensor) -> torch.Tensor:
+    """A batch of exploration actions of the current policy (E_policy's positives)."""
+    return agent.actor(states)[0]
+
+
+@torch.no_grad()
+def policy_log_prob(agent: CalQL, states: torch.Tensor, actions: torch.Tensor) -> Optional[torch.Tensor]:
+    """log pi(a|s) per row of the tanh-Gaussian policy."""
+    return agent.actor.log_prob(states, actions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: offline pretraining, then online fine-tuning
+# ---------------------------------------------------------------------------------------------
+def train(config: TrainConfig) -> Dict[str, Any]:
+    device = resolve_device(config.device)
+    set_seed(config.seed)
+    data, info = load_dataset(config.dataset, config.env)
+    env = make_env(info, seed=config.seed)
+    check_dataset_matches_env(data, env, info)
+    max_steps = max_episode_steps_of(env)
+    reward_scale, reward_bias = reward_transform(data, info, config.normalize_reward, config.reward_scale,
+                                                 config.reward_bias, max_steps)
+    state_mean, state_std = state_statistics(data["observations"], config.normalize)
+    fidelity_env = make_env(info, seed=config.seed)
+    env = NormalizeState(env, state_mean, state_std)
+    eval_envs = make_eval_envs(info, state_mean, state_std, min(config.eval_envs, config.n_episodes),
+                               config.eval_seed)
+    state_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    max_action = float(env.action_space.high[0])
+
+    offline = transition_columns(data)
+    offline["states"] = (offline["states"] - state_mean) / state_std
+    offline["next_states"] = (offline["next_states"] - state_mean) / state_std
+    offline["rewards"] = offline["rewards"] * reward_scale + reward_bias
+    offline["mc_returns"] = returns_to_go(offline["rewards"][:, 0], data["terminals"], data["episode_ends"],
+                                          config.discount, reward_bias if config.is_sparse_reward else None)[:, None]
+    columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1,
+               "mc_returns": 1}
+    offline_capacity = min(config.buffer_size, len(data["observations"]))
+    offline_buffer = ReplayBuffer(offline_capacity, columns, device)
+    # Filled once, exactly: offline_buffer.data holds the offline data in order (what a refresh fits).
+    offline_buffer.add_batch(**{name: values[-offline_capacity:] for name, values in offline.items()})
+    online_buffer = ReplayBuffer(max(min(config.buffer_size, config.online_iterations), 1), columns, device)
+    edis = EDIS(config.edis, state_dim, action_dim, max_action, device, fidelity_env, state_mean, state_std,
+                reward_scale, reward_bias)
+    generated_batch_size = int(config.batch_size * config.edis.mix_ratio)
+    online_batch_size = config.batch_size - generated_batch_size
+
+    agent = CalQL(config, state_dim, action_dim, max_action, device)
+    start = 0
+    if config.load_model:
+        checkpoint = load_checkpoint(config.load_model, device)
+        agent.load_state_dict(checkpoint["agent"])
+        if "edis" in checkpoint:  # absent in a checkpoint of the base algorithm or of the offline phase
+            edis.load_state_dict(checkpoint["edis"])
+        start = config.offline_iterations  # a loaded agent skips offline pretraining
+    first_step, seconds = start, {"offline": 0.0, "online": 0.0}
+    snapshot = Snapshots.load(Path(config.resume), device) if config.resume else None
+    config.name = config.name or default_run_name(config)
+    logger = RunLogger(config, info, resumed=snapshot["logger"] if snapshot else None)
+    collector = OnlineCollector(env, info, config.seed, reward_scale, reward_bias)
+    if snapshot is not None:
+        agent.load_state_dict(snapshot["agent"])
+        if snapshot["edis"] is not None:
+            edis.load_state_dict(snapshot["edis"])
+        edis.generated.load_state_dict(snapshot["generated"])
+        online_buffer.load_state_dict(snapshot["online_buffer"])
+        collector.load_state_dict(snapshot["collector"])
+        first_step, seconds = snapshot["step"], snapshot["seconds"]
+        restore_rng_states(snapshot["rng"])
+        print(f"resumed {logger.run_dir} at step {first_step}")
+    snapshots, guard = Snapshots(logger.run_dir, config.snapshot_every), FiniteGuard()
+    checkpoint_dir = Path(config.checkpoints_path) / config.name if config.checkpoints_path else None
+    total = config.offline_iterations + config.online_iterations
+    score_key = "eval/normalized_score" if info.has_reference else "eval/return"
+    print(f"Cal-QL-EDIS on {info.source} ({info.env_id}), {len(data['observations'])} transitions, device {device}, "
+          f"logs in {logger.run_dir}")
+
+    progress = tqdm(range(first_step, total), initial=first_step, total=total, desc="Cal-QL-EDIS", mininterval=1.0)
+    clock = time.perf_counter()
+    postfix = {"phase": "offline" if first_step < config.offline_iterations else "online"}
+    try:
+        for t in progress:
+            phase = "offline" if t < config.offline_iterations else "online"
+            if t == config.offline_iterations:
+                postfix["phase"] = "online"
+                progress.set_postfix(postfix)
+                agent.start_online()
+                if not config.edis.retrain_from_scratch:  # a model refitted from scratch needs no head start
+                    logger.log(edis.refresh(offline_buffer.data, online_buffer, agent), t, phase)
+            episode_log = None
+            if phase == "online":
+                action = agent.act(collector.state, explore=True)
+                transition, episode_log = collector.step(action)
+                # Online and generated rows carry no return-to-go: calibration is off online (CORL).
+                online_buffer.add(**transition, mc_returns=np.zeros(1, np.float32))
+                if collector.env_steps % config.edis.refresh_every == 0:
+                    refresh_log = edis.refresh(offline_buffer.data, online_buffer, agent)
+                    logger.log({**refresh_log, "env_steps": collector.env_steps}, t + 1, phase)
+                # Until the first refresh has generated anything, offline data stand in for generated data.
+                if len(edis.generated):
+                    generated_part = edis.generated.sample(generated_batch_size)
+                    generated_part["mc_returns"] = torch.zeros_like(generated_part["rewards"])
+                else:
+                    generated_part = offline_buffer.sample(generated_batch_size)
+                online_part = online_buffer.sample(online_batch_size)
+                batch = {name: torch.cat([generated_part[name], online_part[name]]) for name in columns}
+            else:
+                batch = offline_buffer.sample(config.batch_size)
+            losses = agent.update(batch)
+            step = t + 1
+            guard.watch(losses, step)
+            if step % config.log_freq == 0:
+                guard.check()
+                logger.log({f"train/{name}": value.item() for name, value in losses.items()}, step, phase)
+            if episode_log is not None:
+                logger.log({**episode_log, "env_steps": collector.env_steps}, step, phase)
+            if evaluation_due(step, config):
+                metrics = evaluate(eval_envs, lambda s: agent.act(s, explore=False), info, config.n_episodes,
+                                   config.eval_seed)
+                logger.log(metrics, step, phase)
+                postfix[score_key.split("/")[1]] = f"{metrics[score_key]:.1f}"
+                progress.set_postfix(postfix)
+                if checkpoint_dir is not None:
+                    save_checkpoint(checkpoint_dir / f"checkpoint_{step}.pt",
+                                    {"algorithm": ALGORITHM, "agent": agent.state_dict(), "step": step,
+                                     "phase": phase, "state_mean": state_mean, "state_std": state_std,
+                                     "config": asdict(config),
+                                     **({"edis": edis.state_dict()} if edis.refreshes else {})})
+            now = time.perf_counter()
+            seconds[phase], clock = seconds[phase] + now - clock, now
+            if snapshots.due(step, phase == "online" and collector.episode_length > 0, max_steps):
+                guard.check()  # never snapshot a run that has gone bad
+                snapshots.save({"algorithm": ALGORITHM, "config": asdict(config), "step": step, "seconds": seconds,
+                                "agent": agent.state_dict(), "edis": edis.state_dict() if edis.refreshes else None,
+                                "generated": edis.generated.state_dict(),
+                                "online_buffer": online_buffer.state_dict(), "collector": collector.state_dict(),
+                                "logger": logger.state_dict(), "rng": rng_states()})
+        guard.check()
+    except UserError as error:
+        if snapshots.path.is_file():
+            raise UserError(f"{error} (the last snapshot is kept: python {sys.argv[0]} --resume {logger.run_dir})"
+                            ) from None
+        raise
+    finally:
+        progress.close()
+        env.close()
+        eval_envs.close()
+        fidelity_env.close()
+    offline_seconds, online_seconds = seconds["offline"], seconds["online"]
+    summary = {
+        "algorithm": ALGORITHM, "dataset": info.source, "env": info.env_id, "seed": config.seed,
+        "score_metric": score_key,
+        "offline": {**phase_summary(logger.history, "offline"), "iterations": max(config.offline_iterations - start, 0),
+                    "wall_clock_s": round(offline_seconds, 2)},
+        "online": {**phase_summary(logger.history, "online"), "env_steps": collector.env_steps,
+                   "wall_clock_s": round(online_seconds, 2)},
+        "env_steps": collector.env_steps,
+        "edis_refreshes": edis.refreshes,
+        "versions": package_versions(),
+    }
+    logger.write_summary(summary)
+    logger.close()
+    snapshots.remove()  # the run is complete: its summary and checkpoints are what remains
+    return summary
+
+
+# =============================================================================================
+# Machinery, found here when needed: command line and config files, datasets, environment,
+# replay buffer, evaluation, logging and checkpoints. The algorithm is above.
+# =============================================================================================
 
 
 # ==== BEGIN SHARED: command line and config files ====
@@ -217,147 +1160,126 @@ class NonFiniteError(UserError):
 ALL_CONFIG_SECTIONS = ("iql", "calql", "edis", "iql_edis", "calql_edis")
 
 
-def _pop_config_argument(argv: List[str]) -> Tuple[Optional[str], List[str]]:
-    """Takes `--config PATH` (or pyrallis' own `--config_path PATH`) out of argv."""
-    rest, path, i = [], None, 0
-    while i < len(argv):
-        arg = argv[i]
-        key, eq, value = arg.partition("=")
-        if key in ("--config", "--config_path"):
-            if eq:
-                path = value
-            elif i + 1 < len(argv):
-                path, i = argv[i + 1], i + 1
-            else:
-                raise UserError(f"{key} needs a file path")
-        else:
-            rest.append(arg)
-        i += 1
-    return path, rest
+# One decoding rule for every value, from a file or the command line. Files are read with YAML's BaseLoader,
+# so a value arrives as the text that was written, just as on the command line: `name: off` stays "off",
+# `normalize: perhaps` and `seed: 1.7` are errors. pyrallis applies these to every field it decodes.
+BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
-def _dataclass_fields(cls: type) -> Dict[str, Any]:
-    return {f.name: f for f in fields(cls)}
+def decode_bool(value: Any) -> bool:
+    if str(value).lower() not in BOOLEANS:
+        raise ValueError("is not true or false")
+    return BOOLEANS[str(value).lower()]
 
 
-def read_config_file(path: str, config_class: type, own_sections: Tuple[str, ...]) -> Dict[str, Any]:
-    """Common keys plus this script's sections of a dataset YAML, checked against the dataclass.
+def decode_int(value: Any) -> int:
+    with contextlib.suppress(ValueError, OverflowError):  # 1_000_000 and 1e6 are integers too
+        if not isinstance(value, (bool, float)) and float(str(value)).is_integer():
+            return int(float(str(value))) if "e" in str(value).lower() else int(str(value))
+    raise ValueError("is not an integer")
 
-    Later sections in `own_sections` override earlier ones and the common keys. A section named
-    after a nested dataclass field (`edis:`) fills that field; any other (`iql:`, `iql_edis:`) is
-    merged into the top level, where a mapping for a nested field (`edis:` inside `iql_edis:`)
-    updates it key by key.
+
+def decode_float(value: Any) -> float:
+    with contextlib.suppress(ValueError):
+        if not isinstance(value, bool) and math.isfinite(float(str(value))):
+            return float(str(value))
+    raise ValueError("is not a finite number")
+
+
+def decode_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError("is not a single value")
+
+
+for _kind, _decoder in ((bool, decode_bool), (int, decode_int), (float, decode_float), (str, decode_str)):
+    pyrallis.decode.register(_kind, _decoder)
+
+
+def field_types(config_class: Any) -> Dict[str, Any]:
+    return {field.name: field.type for field in fields(config_class)} if is_dataclass(config_class) else {}
+
+
+def flatten(mapping: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"edis": {"width": "64"}} -> {"edis.width": "64"}: the dotted names of the command line."""
+    flat: Dict[str, Any] = {}
+    for key, value in mapping.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def read_config_file(path: str, config_class: type, own_sections: Tuple[str, ...]) -> Dict[str, Tuple[Any, str]]:
+    """Dotted key -> (text, "'key' in path"): the common keys, then this script's sections in order.
+
+    A section named after a nested field (`edis:`) fills that field; any other (`iql:`, `iql_edis:`) sets
+    top-level keys, and a mapping inside it (`edis:` inside `iql_edis:`) sets the nested field key by key.
     """
     try:
         with open(path) as file:
-            raw = yaml.safe_load(file)
+            raw = yaml.load(file, Loader=yaml.BaseLoader) or {}
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except (OSError, yaml.YAMLError) as error:
         raise UserError(f"cannot read config file {path}: {str(error).splitlines()[0]}") from None
-    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values")
-    known = _dataclass_fields(config_class)
-    merged: Dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in ALL_CONFIG_SECTIONS:
-            if not isinstance(value, dict):
-                raise UserError(f"section '{key}' in {path} must be a mapping")
-        elif key not in known:
-            raise UserError(f"unknown key '{key}' in {path}")
-        else:
-            merged[key] = value
+    for section in ALL_CONFIG_SECTIONS:
+        if not isinstance(raw.get(section) or {}, dict):
+            raise UserError(f"section '{section}' in {path} must be a mapping")
+    common = {key: value for key, value in raw.items() if key not in ALL_CONFIG_SECTIONS}
+    values = {key: (text, f"'{key}' in {path}") for key, text in flatten(common).items()}
     for section in own_sections:
-        values = raw.get(section) or {}
-        if section in known:
-            values = {section: values}
-        for key, value in values.items():
-            if key not in known:
-                raise UserError(f"unknown key '{section}.{key}' in {path}")
-            if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                merged[key] = {**merged[key], **value}
-            else:
-                merged[key] = value
-    # Nested dataclass fields (such as `edis`) are checked against their own fields.
-    defaults = config_class()
-    for key, value in merged.items():
-        default = getattr(defaults, key)
-        if is_dataclass(default):
-            if not isinstance(value, dict):
-                raise UserError(f"'{key}' in {path} must be a mapping")
-            nested = _dataclass_fields(type(default))
-            for sub_key in value:
-                if sub_key not in nested:
-                    raise UserError(f"unknown key '{key}.{sub_key}' in {path}")
-        elif isinstance(value, dict):
-            raise UserError(f"'{key}' in {path} must be a single value, not a mapping")
-    return merged
-
-
-BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
-
-
-def prepare_command_line(config_class: type, args: List[str]) -> List[str]:
-    """Checks options and quotes string values for pyrallis.
-
-    Unknown options and non-boolean words for booleans are errors naming the option. pyrallis
-    reads values as YAML, so `--name off` would become "False": values of str fields are quoted.
-    """
-    defaults, prepared, skip = config_class(), [], False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        prepared.append(arg)
-        if not arg.startswith("--") or arg in ("--help", "-h"):
-            continue
-        key, eq, value = arg[2:].partition("=")
-        head, _, tail = key.partition(".")
-        owner = getattr(defaults, head) if tail and hasattr(defaults, head) else defaults
-        name = tail or head
-        if not hasattr(defaults, head) or (tail and not (is_dataclass(owner) and hasattr(owner, tail))):
-            raise UserError(f"unknown option --{key} (see --help)")
-        if not eq:
-            if i + 1 >= len(args):
-                continue  # pyrallis reports the missing value
-            value, skip = args[i + 1], True
-        if isinstance(getattr(owner, name), bool) and value.lower() not in BOOLEAN_WORDS:
-            raise UserError(f"--{key} takes true or false, not {value!r}")
-        field_type = _dataclass_fields(type(owner))[name].type
-        prepared[-1:] = [f"--{key}", json.dumps(value) if field_type is str else value]
-    return prepared
+        body = raw.get(section) or {}
+        prefix = f"{section}." if is_dataclass(field_types(config_class).get(section)) else ""
+        values.update({prefix + key: (text, f"'{section}.{key}' in {path}") for key, text in flatten(body).items()})
+    return values
 
 
 def parse_config(config_class: type, own_sections: Tuple[str, ...], argv: Optional[List[str]] = None) -> Any:
-    """Dataclass from defaults < config file < command line (`--key value`, `--section.key value`)."""
+    """Dataclass from defaults < config file (--config) < command line (`--key value`, `--section.key=value`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    path, rest = _pop_config_argument(argv)
-    rest = prepare_command_line(config_class, rest)
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = None
-        if path is not None:
-            values = read_config_file(path, config_class, own_sections)
-            config_path = os.path.join(tmp, "config.yaml")
-            with open(config_path, "w") as file:
-                yaml.safe_dump(values, file)
-        # pyrallis finds each field's comment with inspect.getsource(class), which re-parses this whole
-        # file per field (seconds for a long file): cache it while parsing.
-        getsource = inspect.getsource
-        inspect.getsource = functools.lru_cache(maxsize=None)(getsource)
+    if "--help" in argv or "-h" in argv:
+        print_help(config_class)
+        raise SystemExit(0)
+    from_file: Dict[str, Tuple[Any, str]] = {}
+    from_command_line: Dict[str, Tuple[Any, str]] = {}  # (text, "") for each --key
+    words = iter(argv)
+    for word in words:
+        option, has_value, text = word.partition("=")
+        if not option.startswith("--"):
+            raise UserError(f"unexpected argument {word!r}: options are --key value")
+        text = text if has_value else next(words, None)
+        if text is None:
+            raise UserError(f"{option} needs a value")
+        if option in ("--config", "--config_path"):
+            from_file = read_config_file(text, config_class, own_sections)
+        else:
+            from_command_line[option[2:]] = (text, "")
+    nested: Dict[str, Any] = {}
+    for key, (text, where) in {**from_file, **from_command_line}.items():
+        *heads, name = key.split(".")
+        owner, target = config_class, nested
+        for head in heads:  # `edis.width`: into the nested dataclass
+            owner, target = field_types(owner).get(head), target.setdefault(head, {})
+        kind = field_types(owner).get(name)
+        if kind is None or is_dataclass(kind):
+            raise UserError(f"unknown key {where}" if where else f"unknown option --{key} (see --help)")
         try:
-            return pyrallis.parse(config_class=config_class, config_path=config_path, args=rest)
-        except SystemExit:
-            raise
-        except Exception as error:  # pyrallis reports bad types with its own exceptions
-            message = str(error)
-            field = re.search(r"value=(.*?) into field \"[^\"]*?\.([\w.]+)\" of type <class '(\w+)'>", message)
-            if field:
-                value, name, kind = field.groups()
-                raise UserError(f"{name} = {value} is not a valid {kind}") from None
-            raise UserError(f"bad configuration: {message.strip().splitlines()[-1].strip()}") from None
-        finally:
-            inspect.getsource = getsource
+            target[name] = pyrallis.decode(kind, text)
+        except ValueError as error:
+            raise UserError(f"{key} = {text!r} {error}" + (f" ({where})" if where else "")) from None
+    return pyrallis.decode(config_class, nested)
+
+
+def print_help(config_class: type) -> None:
+    """pyrallis' --help: every option with its field's comment."""
+    # pyrallis finds each comment with inspect.getsource(class), which re-reads this long file per field: cache it.
+    getsource = inspect.getsource
+    inspect.getsource = functools.lru_cache(maxsize=None)(getsource)
+    try:
+        pyrallis.argparsing.ArgumentParser(config_class=config_class).print_help()
+    finally:
+        inspect.getsource = getsource
 
 
 def check_range(
@@ -381,8 +1303,10 @@ def validate_common_config(config: Any) -> None:
         raise UserError(f"wandb_mode = {config.wandb_mode!r}: use online, offline or disabled")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", config.device):
         raise UserError(f"device = {config.device!r}: use auto, cpu, cuda or cuda:N")
+# ==== END SHARED: command line and config files ====
 
 
+# ==== BEGIN SHARED: device and seeds ====
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -398,7 +1322,92 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-# ==== END SHARED: command line and config files ====
+# ==== END SHARED: device and seeds ====
+
+
+def validate_config(config: TrainConfig) -> None:
+    validate_common_config(config)
+    check_range(config, "discount", 0.0, 1.0)
+    check_range(config, "soft_target_update_rate", 0.0, 1.0)
+    check_range(config, "mixing_ratio", 0.0, 1.0)
+    for name in ("policy_lr", "qf_lr", "cql_temp"):
+        check_range(config, name, 0.0, math.inf, low_inclusive=False)
+    for name in ("cql_alpha", "cql_alpha_online", "alpha_multiplier", "bc_steps"):
+        check_range(config, name, 0.0, math.inf)
+    for name in ("cql_n_actions", "q_n_hidden_layers", "target_update_period"):
+        check_range(config, name, 1, math.inf)
+    validate_edis_config(config.edis)
+    if config.edis.replay != "paper":
+        raise UserError("edis.replay = reference is the public IQL-EDIS loop; Cal-QL-EDIS's reference loop is the "
+                        "paper's (edis.replay: paper)")
+
+
+# ==== BEGIN SHARED: EDIS config checks ====
+def validate_edis_config(edis: EDISConfig) -> None:
+    check_range(edis, "mix_ratio", 0.0, 1.0, label="edis.mix_ratio")
+    for name in ("refresh_every", "num_samples", "width", "blocks", "batch_size", "sample_steps", "sample_batch_size",
+                 "positive_buffer_size", "energy_hidden", "energy_layers", "energy_batch_size", "energy_negatives",
+                 "negative_pool", "transition_pool", "metric_samples"):
+        check_range(edis, name, 1, math.inf, label=f"edis.{name}")
+    for name in ("initial_fit_steps", "refresh_fit_steps", "energy_epochs", "guidance_state", "guidance_transition",
+                 "guidance_policy", "s_churn"):
+        check_range(edis, name, 0, math.inf, label=f"edis.{name}")
+    for name in ("lr", "grad_clip", "energy_lr", "sigma_min", "sigma_data", "rho", "guidance_clip", "p_std",
+                 "drop_beyond_std"):
+        check_range(edis, name, 0.0, math.inf, low_inclusive=False, label=f"edis.{name}")
+    check_range(edis, "ema_decay", 0.0, 1.0, label="edis.ema_decay")
+    check_range(edis, "utd_ratio", 1, math.inf, label="edis.utd_ratio")
+    if edis.replay not in ("paper", "reference"):
+        raise UserError(f"edis.replay = {edis.replay!r} must be paper or reference")
+    if edis.transition_pool < edis.energy_negatives:
+        raise UserError(f"edis.transition_pool = {edis.transition_pool} must be at least edis.energy_negatives = "
+                        f"{edis.energy_negatives} (energy_negatives runs per conditioned positive)")
+    if edis.time_embedding_dim < 2 or edis.time_embedding_dim % 2:
+        raise UserError(f"edis.time_embedding_dim = {edis.time_embedding_dim} must be even and at least 2")
+    if edis.sigma_max <= edis.sigma_min:
+        raise UserError(f"edis.sigma_max = {edis.sigma_max} must exceed edis.sigma_min = {edis.sigma_min}")
+# ==== END SHARED: EDIS config checks ====
+
+
+# ==== BEGIN SHARED: EDIS fidelity metrics ====
+def rbf_mmd(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Squared maximum mean discrepancy with a Gaussian kernel, bandwidth = median pairwise distance."""
+    joint = torch.cat([x, y])
+    distances = torch.cdist(joint, joint) ** 2
+    bandwidth = distances[distances > 0].median().clamp_min(1e-6)
+    kernel = torch.exp(-distances / bandwidth)
+    n = len(x)
+    return float(kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean())
+
+
+def dynamics_errors(env: gym.Env, states: np.ndarray, actions: np.ndarray, next_states: np.ndarray,
+                    rewards: np.ndarray, next_state_std: np.ndarray, reward_std: float
+                    ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Per row, the error of generated (s', r) against the simulator, in units of the data's std.
+
+    Hopper, Walker2d, HalfCheetah observe qpos without the x position, then qvel: set the
+    simulator to each generated s (x = 0; rewards use x differences only), step the generated a.
+    Returns (mean over dimensions of the squared s' error / next_state_std^2, |r error| / reward_std),
+    so that numbers compare across envs, or None where the observation does not give the state.
+    """
+    base = env.unwrapped
+    if not (env.spec is not None and env.spec.id.split("-")[0] in ("Hopper", "Walker2d", "HalfCheetah")):
+        return None
+    env.reset(seed=0)
+    nq = base.model.nq
+    true_next_states, true_rewards = np.empty_like(next_states), np.empty(len(rewards))
+    for i, (state, action) in enumerate(zip(states, actions, strict=True)):
+        base.set_state(np.concatenate([[0.0], state[:nq - 1]]), state[nq - 1:])
+        true_next_states[i], true_rewards[i], *_ = base.step(np.clip(action, env.action_space.low,
+                                                                     env.action_space.high))
+    state_errors = np.mean(((true_next_states - next_states) / next_state_std) ** 2, axis=1)
+    return state_errors, np.abs(true_rewards - rewards) / reward_std
+
+
+def mean_and_standard_error(values: np.ndarray) -> Tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(max(len(values), 1)))
+# ==== END SHARED: EDIS fidelity metrics ====
+
 
 # ==== BEGIN SHARED: datasets ====
 # D4RL reference returns: normalised score = 100 * (return - min) / (max - min).
@@ -781,6 +1790,7 @@ def state_statistics(observations: np.ndarray, normalize: bool, eps: float = 1e-
     return observations.mean(0).astype(np.float32), (observations.std(0) + eps).astype(np.float32)
 # ==== END SHARED: datasets ====
 
+
 # ==== BEGIN SHARED: environment ====
 # D4RL AntMaze v2 evaluation mazes (row 0 at the top, r: start, g: goal), 4 units per cell.
 D4RL_ANTMAZE_MAPS = {
@@ -992,6 +2002,7 @@ class OnlineCollector:
         return transition, episode_log
 # ==== END SHARED: environment ====
 
+
 # ==== BEGIN SHARED: replay buffer ====
 class ReplayBuffer:
     """Fixed-capacity ring buffer of named float32 columns, stored on the training device."""
@@ -1026,12 +2037,6 @@ class ReplayBuffer:
         index = torch.randint(0, self.size, (batch_size,), device=self.device)
         return {name: column[index] for name, column in self.data.items()}
 
-    def recent(self, count: int) -> Dict[str, torch.Tensor]:
-        """The last `count` rows added (all rows when fewer), oldest first."""
-        count = min(count, self.size)
-        index = (self.pointer - count + torch.arange(count, device=self.device)) % self.capacity
-        return {name: column[index] for name, column in self.data.items()}
-
     def state_dict(self, rebuilt_rows: int = 0) -> Dict[str, Any]:
         """The rows for a snapshot. The first `rebuilt_rows` (the offline data, which the resumed run loads
         again) are left out unless the ring has wrapped over them."""
@@ -1050,851 +2055,6 @@ def transition_columns(data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return {"states": data["observations"], "actions": data["actions"], "rewards": data["rewards"][:, None],
             "next_states": data["next_observations"], "dones": data["terminals"][:, None]}
 # ==== END SHARED: replay buffer ====
-
-# ==== BEGIN SHARED: Cal-QL returns-to-go and networks ====
-# ---------------------------------------------------------------------------------------------
-# Cal-QL: Monte-Carlo returns-to-go of the offline data (the calibration bound)
-# ---------------------------------------------------------------------------------------------
-def returns_to_go(rewards: np.ndarray, terminals: np.ndarray, episode_ends: np.ndarray, discount: float,
-                  sparse_failure_reward: Optional[float] = None) -> np.ndarray:
-    """Discounted return from each transition to the end of its episode (CORL's get_return_to_go).
-
-    With sparse_failure_reward set, an episode whose rewards all equal it (it never reached the
-    goal) gets r / (1 - discount) everywhere, the return of failing forever.
-    """
-    returns = np.zeros(len(rewards), dtype=np.float64)
-    future = 0.0
-    for i in range(len(rewards) - 1, -1, -1):
-        if episode_ends[i]:
-            future = 0.0
-        future = rewards[i] + discount * future * (1.0 - terminals[i])
-        returns[i] = future
-    ends = np.nonzero(episode_ends)[0]
-    if sparse_failure_reward is not None and len(ends):
-        starts = np.concatenate([[0], ends[:-1] + 1])
-        complete = rewards[:ends[-1] + 1]
-        failed = ((np.minimum.reduceat(complete, starts) == sparse_failure_reward)
-                  & (np.maximum.reduceat(complete, starts) == sparse_failure_reward))
-        for start, end in zip(starts[failed], ends[failed], strict=True):
-            returns[start:end + 1] = sparse_failure_reward / (1.0 - discount)
-    return returns.astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
-def init_linear(module: nn.Module, orthogonal: bool) -> None:
-    if isinstance(module, nn.Linear):
-        if orthogonal:
-            nn.init.orthogonal_(module.weight, gain=math.sqrt(2))
-            nn.init.constant_(module.bias, 0.0)
-        else:
-            nn.init.xavier_uniform_(module.weight, gain=1e-2)
-
-
-class Scalar(nn.Module):
-    def __init__(self, value: float):
-        super().__init__()
-        self.constant = nn.Parameter(torch.tensor(value, dtype=torch.float32))
-
-    def forward(self) -> torch.Tensor:
-        return self.constant
-
-
-class TanhGaussianPolicy(nn.Module):
-    """SAC actor: a Gaussian squashed by tanh, 3 hidden layers of 256 (CORL's Cal-QL actor)."""
-
-    LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
-
-    def __init__(self, state_dim: int, action_dim: int, max_action: float, orthogonal_init: bool):
-        super().__init__()
-        self.action_dim, self.max_action = action_dim, max_action
-        self.base_network = nn.Sequential(
-            nn.Linear(state_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-            nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2 * action_dim))
-        if orthogonal_init:
-            self.base_network.apply(lambda m: init_linear(m, True))
-        else:
-            init_linear(self.base_network[-1], False)
-        self.log_std_multiplier, self.log_std_offset = Scalar(1.0), Scalar(-1.0)
-
-    def distribution(self, states: torch.Tensor) -> Tuple[TransformedDistribution, torch.Tensor]:
-        mean, log_std = torch.split(self.base_network(states), self.action_dim, dim=-1)
-        log_std = (self.log_std_multiplier() * log_std + self.log_std_offset()).clamp(self.LOG_STD_MIN,
-                                                                                    self.LOG_STD_MAX)
-        return TransformedDistribution(Normal(mean, log_std.exp()), TanhTransform(cache_size=1)), mean
-
-    def forward(self, states: torch.Tensor, deterministic: bool = False,
-                repeat: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Actions in [-max_action, max_action] and their log-probabilities; repeat: (B, repeat, A)."""
-        if repeat is not None:
-            states = states.unsqueeze(1).expand(-1, repeat, -1)
-        distribution, mean = self.distribution(states)
-        actions = torch.tanh(mean) if deterministic else distribution.rsample()
-        return self.max_action * actions, distribution.log_prob(actions).sum(-1)
-
-    def log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        distribution, _ = self.distribution(states)
-        bound = 1.0 - 1e-6  # atanh of the data's +-1 actions would be infinite
-        return distribution.log_prob((actions / self.max_action).clamp(-bound, bound)).sum(-1)
-
-
-class FullyConnectedQFunction(nn.Module):
-    def __init__(self, state_dim: int, action_dim: int, orthogonal_init: bool, n_hidden_layers: int):
-        super().__init__()
-        layers: List[nn.Module] = [nn.Linear(state_dim + action_dim, 256), nn.ReLU()]
-        for _ in range(n_hidden_layers - 1):
-            layers += [nn.Linear(256, 256), nn.ReLU()]
-        layers.append(nn.Linear(256, 1))
-        self.network = nn.Sequential(*layers)
-        if orthogonal_init:
-            self.network.apply(lambda m: init_linear(m, True))
-        else:
-            init_linear(self.network[-1], False)
-
-    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q(s, a): (B,) for actions (B, A); (B, n) for actions (B, n, A)."""
-        if actions.ndim == 3 and states.ndim == 2:
-            states = states.unsqueeze(1).expand(-1, actions.shape[1], -1)
-        return self.network(torch.cat([states, actions], dim=-1)).squeeze(-1)
-
-
-def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
-    with torch.no_grad():
-        for target_param, source_param in zip(target.parameters(), source.parameters(), strict=True):
-            target_param.lerp_(source_param, tau)
-# ==== END SHARED: Cal-QL returns-to-go and networks ====
-
-
-# ==== BEGIN SHARED: EDIS diffusion model ====
-@dataclass
-class TransitionLayout:
-    """Where s, a, r, s' (and the terminal flag) sit in a flat transition vector x."""
-
-    state_dim: int
-    action_dim: int
-    include_terminal: bool
-
-    @property
-    def dim(self) -> int:
-        return 2 * self.state_dim + self.action_dim + 1 + int(self.include_terminal)
-
-    def block_masks(self, device: torch.device) -> Dict[str, torch.Tensor]:
-        """0/1 masks of the blocks each energy's guidance may touch: s, a, and (r, s', done)."""
-        s, a = self.state_dim, self.action_dim
-        masks = {name: torch.zeros(self.dim, device=device) for name in ("state", "policy", "transition")}
-        masks["state"][:s] = 1.0
-        masks["policy"][s:s + a] = 1.0
-        masks["transition"][s + a:] = 1.0
-        return masks
-
-    def join(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [batch["states"], batch["actions"], batch["rewards"], batch["next_states"]]
-        if self.include_terminal:
-            parts.append(batch["dones"])
-        return torch.cat(parts, dim=-1)
-
-    def split(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        s, a = self.state_dim, self.action_dim
-        dones = (x[:, -1:] > 0.5).float() if self.include_terminal else torch.zeros_like(x[:, :1])
-        return {"states": x[:, :s], "actions": x[:, s:s + a], "rewards": x[:, s + a:s + a + 1],
-                "next_states": x[:, s + a + 1:2 * s + a + 1], "dones": dones}
-
-
-class RandomFourierEmbedding(nn.Module):
-    """Fixed random Fourier features of EDM's noise input c_noise = ln(sigma) / 4."""
-
-    def __init__(self, dim: int, scale: float = 16.0):
-        super().__init__()
-        self.register_buffer("frequencies", torch.randn(dim // 2) * scale)
-
-    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        angles = 2 * math.pi * c_noise[:, None] * self.frequencies[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=-1)
-
-
-class ResidualBlock(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.norm, self.linear = nn.LayerNorm(width), nn.Linear(width, width)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.linear(F.silu(self.norm(h)))
-
-
-class ResidualMLPDenoiser(nn.Module):
-    """SynthER-style residual MLP: F(x, c_noise), the raw network inside EDM's preconditioning."""
-
-    def __init__(self, dim: int, width: int, blocks: int, time_embedding_dim: int):
-        super().__init__()
-        self.input = nn.Linear(dim, width)
-        self.time = nn.Sequential(RandomFourierEmbedding(time_embedding_dim), nn.Linear(time_embedding_dim, width),
-                                  nn.SiLU(), nn.Linear(width, width))
-        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(blocks)])
-        self.output = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
-
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        return self.output(self.blocks(self.input(x) + self.time(c_noise)))
-
-
-class TransitionDiffusion:
-    """EDM (Karras et al. 2022) over transitions standardised per dimension.
-
-    Training: log-normal noise levels, EDM's loss weighting. Sampling: the stochastic Heun sampler
-    on the EMA weights, optionally with a guidance term; it can also record the sampler's state at
-    every level where it calls the denoiser (the energies' negatives come from there).
-    """
-
-    def __init__(self, dim: int, config: EDISConfig, device: torch.device):
-        self.dim, self.config, self.device = dim, config, device
-        self.mean = torch.zeros(dim, device=device)
-        self.std = torch.ones(dim, device=device)
-        self.reset_weights()
-
-    def reset_weights(self) -> None:
-        config = self.config
-        self.model = ResidualMLPDenoiser(self.dim, config.width, config.blocks, config.time_embedding_dim).to(
-            self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.std + self.mean
-
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, network: Optional[nn.Module] = None) -> torch.Tensor:
-        """D(x; sigma) with EDM's preconditioning; sigma has one entry per row."""
-        network = self.ema if network is None else network
-        sigma = sigma.reshape(-1, 1)
-        sigma_data = self.config.sigma_data
-        c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
-        c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
-        c_in = 1.0 / (sigma**2 + sigma_data**2).sqrt()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            out = network(c_in * x, sigma.log().flatten() / 4)
-        return c_skip * x + c_out * out.float()
-
-    def fit(self, data: torch.Tensor, steps: int, desc: str = "diffusion") -> float:
-        """Trains the denoiser on raw transitions (the standardisation is refit on them); returns the last loss."""
-        config = self.config
-        self.mean, self.std = data.mean(0), data.std(0) + 1e-3
-        normalized = self.normalize(data)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(steps, 1))
-        for group in self.optimizer.param_groups:
-            group["lr"] = config.lr
-        loss = torch.zeros((), device=self.device)
-        for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0, disable=steps < 1000):
-            x0 = normalized[torch.randint(0, len(normalized), (config.batch_size,), device=self.device)]
-            sigma = (torch.randn(len(x0), device=self.device) * config.p_std + config.p_mean).exp()
-            weight = (sigma**2 + config.sigma_data**2) / (sigma * config.sigma_data) ** 2
-            denoised = self.denoise(x0 + sigma[:, None] * torch.randn_like(x0), sigma, self.model)
-            loss = (weight[:, None] * (denoised - x0) ** 2).mean()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-            self.optimizer.step()
-            schedule.step()
-            with torch.no_grad():  # one fused call for the whole EMA update
-                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - config.ema_decay)
-        return float(loss.detach())
-
-    def sampler_levels(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(sigma_i for i = 0..N with sigma_N = 0, and the churned levels sigma_hat_i for i < N)."""
-        config = self.config
-        steps = config.sample_steps
-        ramp = torch.linspace(0, 1, steps, device=self.device, dtype=torch.float64)
-        inv_rho = 1.0 / config.rho
-        sigmas = (config.sigma_max**inv_rho + ramp * (config.sigma_min**inv_rho - config.sigma_max**inv_rho))
-        sigmas = torch.cat([sigmas**config.rho, sigmas.new_zeros(1)])
-        gamma = min(config.s_churn / steps, math.sqrt(2) - 1)
-        churn = (sigmas[:-1] >= config.s_tmin) & (sigmas[:-1] <= config.s_tmax)
-        sigma_hats = sigmas[:-1] * (1 + gamma * churn)
-        return sigmas.float(), sigma_hats.float()
-
-    def guidance_levels(self) -> torch.Tensor:
-        """Every noise level at which the sampler calls the denoiser (and so the guidance), in call order."""
-        sigmas, sigma_hats = self.sampler_levels()
-        levels = []
-        for i in range(len(sigma_hats)):
-            levels.append(sigma_hats[i])
-            if i < len(sigma_hats) - 1:  # the last step goes to sigma = 0 without a correction
-                levels.append(sigmas[i + 1])
-        return torch.stack(levels)
-
-    def sample(self, count: int, guidance: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-               record: bool = False, known: Optional[torch.Tensor] = None, known_mask: Optional[torch.Tensor] = None
-               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """`count` raw transitions; with record, also the standardised states at every guidance level
-        (levels x count x dim). guidance(x, sigma) returns the shift subtracted from each denoised estimate.
-        known (count x dim, standardised) and known_mask (dim): the masked block of row i is held at
-        known[i] noised to each level (replacement inpainting), so the rest is drawn given it."""
-        samples, trajectories = [], []
-        for start in range(0, count, self.config.sample_batch_size):
-            rows = min(self.config.sample_batch_size, count - start)
-            held = None if known is None else (known[start:start + rows], known_mask)
-            x, trajectory = self._sample_batch(rows, guidance, record, held)
-            samples.append(x)
-            trajectories.append(trajectory)
-        recorded = torch.cat(trajectories, dim=1) if record else None
-        return self.unnormalize(torch.cat(samples)), recorded
-
-    def _guided_denoise(self, x: torch.Tensor, sigma: torch.Tensor, guidance: Optional[Callable]) -> torch.Tensor:
-        sigma_rows = sigma.expand(len(x))
-        with torch.no_grad():
-            denoised = self.denoise(x, sigma_rows)
-        if guidance is None:
-            return denoised
-        # Score of p * exp(-E) is score - grad E, so the guided denoised estimate is D - sigma^2 grad E.
-        return denoised - guidance(x, sigma_rows)
-
-    def _sample_batch(self, count: int, guidance: Optional[Callable], record: bool,
-                      held: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, Any]:
-        config = self.config
-        sigmas, sigma_hats = self.sampler_levels()
-        x = torch.randn(count, self.dim, device=self.device) * sigmas[0]
-        if held is None:
-            def hold(values: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-                return values
-        else:
-            known, mask = held
-            held_noise = torch.randn_like(x)  # one noise draw per row: the held block moves smoothly to known
-
-            def hold(values: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-                return values * (1 - mask) + (known + sigma * held_noise) * mask
-        x = hold(x, sigmas[0])
-        states = []
-        for i in range(config.sample_steps):
-            sigma, sigma_hat, sigma_next = sigmas[i], sigma_hats[i], sigmas[i + 1]
-            x_hat = x + (sigma_hat**2 - sigma**2).clamp_min(0).sqrt() * config.s_noise * torch.randn_like(x)
-            x_hat = hold(x_hat, sigma_hat)
-            if record:
-                states.append(x_hat)
-            d = (x_hat - self._guided_denoise(x_hat, sigma_hat, guidance)) / sigma_hat
-            x = x_hat + (sigma_next - sigma_hat) * d
-            if i < config.sample_steps - 1:  # sigma_next > 0, decided on the host (no device sync)
-                x = hold(x, sigma_next)
-                if record:
-                    states.append(x)
-                d_next = (x - self._guided_denoise(x, sigma_next, guidance)) / sigma_next
-                x = x_hat + (sigma_next - sigma_hat) * (d + d_next) / 2
-            x = hold(x, sigma_next)
-        return x, (torch.stack(states) if record else None)
-# ==== END SHARED: EDIS diffusion model ====
-
-
-# ==== BEGIN SHARED: EDIS energies and guidance ====
-class EnergyNetwork(nn.Module):
-    """E(x_sigma, sigma): an MLP on the noised transition and the noise level's Fourier features."""
-
-    def __init__(self, dim: int, hidden: int, layers: int, time_embedding_dim: int):
-        super().__init__()
-        self.time = RandomFourierEmbedding(time_embedding_dim)
-        sizes = [dim + time_embedding_dim, *[hidden] * layers, 1]
-        modules: List[nn.Module] = []
-        for i in range(len(sizes) - 1):
-            modules.append(nn.Linear(sizes[i], sizes[i + 1]))
-            if i < len(sizes) - 2:
-                modules.append(nn.ReLU())
-        self.net = nn.Sequential(*modules)
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, self.time(sigma.log() / 4)], dim=-1)).squeeze(-1)
-
-
-class TransitionEnergies:
-    """E_state, E_policy, E_transition trained by contrastive energy prediction (InfoNCE).
-
-    A positive (a recent online transition, noised to level sigma) competes with K negatives at that
-    same level, each differing from it only in the block its energy guides, so that the energy can
-    tell them apart by that block alone:
-    - E_state: the sampler's own states (every block is the model's);
-    - E_policy: the positive's action is the current policy's, the negatives' the model's; s, r, s'
-      are the positive's;
-    - E_transition: the negatives' (r, s', done) come from sampler runs whose (s, a) block was held
-      at the positive's (inpainting), so they are draws of p_model(r, s' | s, a), not of the model's
-      marginal; their (s, a) is the positive's.
-    The loss picks the positive with logits -E, so at the optimum exp(-E) is proportional to online
-    density / model density (for E_transition, of r, s' given s, a). Only energies with a non-zero
-    guidance scale are trained or evaluated.
-    """
-
-    NAMES = ("state", "policy", "transition")
-
-    def __init__(self, layout: TransitionLayout, config: EDISConfig, device: torch.device):
-        self.layout, self.config, self.device = layout, config, device
-        self.scales = {"state": config.guidance_state, "policy": config.guidance_policy,
-                       "transition": config.guidance_transition}
-        self.active = [name for name in self.NAMES if self.scales[name] > 0]
-        self.masks = layout.block_masks(device)
-        self.networks = {name: EnergyNetwork(layout.dim, config.energy_hidden, config.energy_layers,
-                                             config.time_embedding_dim).to(device) for name in self.active}
-        self.optimizers = {name: torch.optim.Adam(self.networks[name].parameters(), lr=config.energy_lr)
-                           for name in self.active}
-        self.reset_guidance_statistics()
-
-    def _infonce(self, name: str, positive: torch.Tensor, negatives: torch.Tensor, sigma: torch.Tensor
-                 ) -> torch.Tensor:
-        """positive (B, dim), negatives (B, K, dim), sigma (B,): cross-entropy of picking the positive."""
-        candidates = torch.cat([positive[:, None], negatives], dim=1)
-        batch, count, dim = candidates.shape
-        energies = self.networks[name](candidates.reshape(-1, dim), sigma.repeat_interleave(count))
-        logits = -energies.reshape(batch, count)
-        return F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=self.device))
-
-    def negatives(self, name: str, positive: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
-        """Negatives (B, K, dim) for positives (B, dim): the drawn sampler states in the energy's own block
-        (all of it for E_state), the positive's values everywhere else."""
-        own = torch.ones_like(self.masks[name]) if name == "state" else self.masks[name]
-        return drawn * own + positive[:, None] * (1 - own)
-
-    def train(self, positives: torch.Tensor, policy_positives: torch.Tensor, trajectory: torch.Tensor,
-              levels: torch.Tensor, epochs: int, conditioned: Optional[torch.Tensor] = None,
-              conditioned_trajectory: Optional[torch.Tensor] = None) -> Dict[str, float]:
-        """positives, policy_positives: standardised transitions (N, dim); trajectory: the sampler's states at
-        each level (L, M, dim); levels: those L noise levels. conditioned (P, dim): the positives whose (s, a)
-        held conditioned_trajectory's runs, energy_negatives runs each, in order (L, P * K, dim): E_transition's
-        positives and negatives. Every energy makes the same number of updates. Returns each last loss."""
-        config, losses = self.config, {}
-        count, pool, negatives_per_row = len(positives), trajectory.shape[1], config.energy_negatives
-        if "transition" in self.active and (conditioned is None or conditioned_trajectory is None):
-            raise ValueError("E_transition needs sampler runs conditioned on its positives' (s, a)")
-        offsets = torch.arange(negatives_per_row, device=self.device)
-        for _ in range(epochs):
-            order = torch.randperm(count, device=self.device)
-            for start in range(0, count, config.energy_batch_size):
-                index = order[start:start + config.energy_batch_size]
-                batch = len(index)
-                level = torch.randint(0, len(levels), (batch,), device=self.device)
-                sigma = levels[level]
-                noise = torch.randn(batch, self.layout.dim, device=self.device)
-                negative_rows = torch.randint(0, pool, (batch, negatives_per_row), device=self.device)
-                for name in self.active:
-                    if name == "transition":
-                        rows = torch.randint(0, len(conditioned), (batch,), device=self.device)
-                        positive = conditioned[rows] + sigma[:, None] * noise
-                        drawn = conditioned_trajectory[level[:, None], rows[:, None] * negatives_per_row + offsets]
-                    else:
-                        positive = (policy_positives if name == "policy" else positives)[index] + sigma[:, None] * noise
-                        drawn = trajectory[level[:, None], negative_rows]  # (B, K, dim) at the positive's level
-                    loss = self._infonce(name, positive, self.negatives(name, positive, drawn), sigma)
-                    self.optimizers[name].zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizers[name].step()
-                    losses[name] = loss.detach()
-        return {name: float(loss) for name, loss in losses.items()}
-
-    def reset_guidance_statistics(self) -> None:
-        """Running sums (on the device) behind guidance_statistics()."""
-        self.guidance_sums = {kind: {name: torch.zeros((), device=self.device) for name in self.active}
-                              for kind in ("norm", "clipped")}
-        self.guidance_sums["rows"] = torch.zeros((), device=self.device)
-
-    def guidance_statistics(self) -> Dict[str, float]:
-        """Per energy, over every guided denoiser call since the reset: the mean norm of its shift
-        before clipping (standardised units) and the share of rows whose shift the clip cut."""
-        sums = self.guidance_sums
-        rows = float(sums["rows"])
-        if rows == 0:
-            return {}
-        stats = {}
-        for name in self.active:
-            stats[f"edis/guidance_norm_{name}"] = float(sums["norm"][name]) / rows
-            stats[f"edis/guidance_clipped_{name}"] = float(sums["clipped"][name]) / rows
-        return stats
-
-    def guidance(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """The shift sigma^2 * scale_k * grad_x E_k(x, sigma) of each energy's block, each clipped in norm.
-
-        One backward pass: each energy sees its own block attached to the graph and the other blocks
-        detached, so the gradient of the weighted sum is already masked per energy. The blocks are
-        disjoint, so each energy's shift is clipped on its own: one energy's outlier does not mute the others.
-        """
-        if not self.active:
-            return torch.zeros_like(x)
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            total = x.new_zeros(())
-            for name in self.active:
-                mask = self.masks[name]
-                total = total + self.scales[name] * self.networks[name](x * mask + x.detach() * (1 - mask), sigma).sum()
-            (gradient,) = torch.autograd.grad(total, x)
-        gradient = sigma[:, None] ** 2 * gradient
-        shift = torch.zeros_like(x)
-        sums = self.guidance_sums
-        for name in self.active:
-            block = gradient * self.masks[name]
-            norm = block.norm(dim=-1, keepdim=True)
-            shift = shift + block * (self.config.guidance_clip / norm.clamp_min(1e-12)).clamp(max=1.0)
-            sums["norm"][name] += norm.sum()
-            sums["clipped"][name] += (norm > self.config.guidance_clip).sum()
-        sums["rows"] += len(x)
-        return shift
-# ==== END SHARED: EDIS energies and guidance ====
-
-
-# ==== BEGIN SHARED: Cal-QL agent ====
-# ---------------------------------------------------------------------------------------------
-# Agent
-# ---------------------------------------------------------------------------------------------
-class CalQL:
-    def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
-                 device: torch.device):
-        self.config, self.device, self.max_action = config, device, max_action
-        self.actor = TanhGaussianPolicy(state_dim, action_dim, max_action, config.orthogonal_init).to(device)
-        self.critic_1 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
-                                                config.q_n_hidden_layers).to(device)
-        self.critic_2 = FullyConnectedQFunction(state_dim, action_dim, config.orthogonal_init,
-                                                config.q_n_hidden_layers).to(device)
-        self.target_critic_1 = copy.deepcopy(self.critic_1).requires_grad_(False)
-        self.target_critic_2 = copy.deepcopy(self.critic_2).requires_grad_(False)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), config.policy_lr)
-        self.critic_optimizer = torch.optim.Adam([*self.critic_1.parameters(), *self.critic_2.parameters()],
-                                                 config.qf_lr)
-        self.log_alpha = Scalar(0.0).to(device)
-        self.alpha_optimizer = torch.optim.Adam(self.log_alpha.parameters(), config.policy_lr)
-        self.log_alpha_prime = Scalar(1.0).to(device)
-        self.alpha_prime_optimizer = torch.optim.Adam(self.log_alpha_prime.parameters(), config.qf_lr)
-        self.target_entropy = -float(action_dim)
-        self.cql_alpha = config.cql_alpha
-        self.calibration_enabled = True
-        self.total_it = 0
-
-    def start_online(self) -> None:
-        """As CORL: online, calibration is off and the regulariser takes cql_alpha_online."""
-        self.calibration_enabled = False
-        self.cql_alpha = self.config.cql_alpha_online
-
-    def _q_loss(self, batch: Dict[str, torch.Tensor], alpha: torch.Tensor,
-                log: Dict[str, torch.Tensor]) -> torch.Tensor:
-        config = self.config
-        states, actions, next_states = batch["states"], batch["actions"], batch["next_states"]
-        rewards, dones = batch["rewards"].squeeze(-1), batch["dones"].squeeze(-1)
-        q1_predicted, q2_predicted = self.critic_1(states, actions), self.critic_2(states, actions)
-
-        with torch.no_grad():
-            if config.cql_max_target_backup:
-                next_actions, next_log_pi = self.actor(next_states, repeat=config.cql_n_actions)
-                target_q = torch.min(self.target_critic_1(next_states, next_actions),
-                                     self.target_critic_2(next_states, next_actions))
-                target_q, best = target_q.max(-1)
-                next_log_pi = next_log_pi.gather(-1, best.unsqueeze(-1)).squeeze(-1)
-            else:
-                next_actions, next_log_pi = self.actor(next_states)
-                target_q = torch.min(self.target_critic_1(next_states, next_actions),
-                                     self.target_critic_2(next_states, next_actions))
-            if config.backup_entropy:
-                target_q = target_q - alpha * next_log_pi
-            td_target = rewards + (1.0 - dones) * config.discount * target_q
-        qf1_loss, qf2_loss = F.mse_loss(q1_predicted, td_target), F.mse_loss(q2_predicted, td_target)
-
-        # CQL regulariser: log-sum-exp of Q over random, current-policy and next-state-policy actions.
-        batch_size, action_dim, n = actions.shape[0], actions.shape[-1], config.cql_n_actions
-        random_actions = actions.new_empty((batch_size, n, action_dim)).uniform_(-1, 1)
-        with torch.no_grad():
-            current_actions, current_log_pis = self.actor(states, repeat=n)
-            next_actions, next_log_pis = self.actor(next_states, repeat=n)
-        q1_rand, q2_rand = self.critic_1(states, random_actions), self.critic_2(states, random_actions)
-        q1_current, q2_current = self.critic_1(states, current_actions), self.critic_2(states, current_actions)
-        q1_next, q2_next = self.critic_1(states, next_actions), self.critic_2(states, next_actions)
-
-        # Cal-QL: Q-values of policy actions are bounded below by the Monte-Carlo return-to-go.
-        lower_bounds = batch["mc_returns"].expand(-1, n)
-        log["bound_rate_cql_q1_current_actions"] = (q1_current < lower_bounds).float().mean().detach()
-        if self.calibration_enabled:
-            q1_current, q2_current = torch.maximum(q1_current, lower_bounds), torch.maximum(q2_current, lower_bounds)
-            q1_next, q2_next = torch.maximum(q1_next, lower_bounds), torch.maximum(q2_next, lower_bounds)
-
-        if config.cql_importance_sample:
-            random_density = math.log(0.5**action_dim)
-            cat_q1 = torch.cat([q1_rand - random_density, q1_next - next_log_pis, q1_current - current_log_pis], 1)
-            cat_q2 = torch.cat([q2_rand - random_density, q2_next - next_log_pis, q2_current - current_log_pis], 1)
-        else:
-            cat_q1 = torch.cat([q1_rand, q1_predicted.unsqueeze(1), q1_next, q1_current], 1)
-            cat_q2 = torch.cat([q2_rand, q2_predicted.unsqueeze(1), q2_next, q2_current], 1)
-        qf1_ood = torch.logsumexp(cat_q1 / config.cql_temp, dim=1) * config.cql_temp
-        qf2_ood = torch.logsumexp(cat_q2 / config.cql_temp, dim=1) * config.cql_temp
-        qf1_diff = (qf1_ood - q1_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
-        qf2_diff = (qf2_ood - q2_predicted).clamp(config.cql_clip_diff_min, config.cql_clip_diff_max).mean()
-
-        if config.cql_lagrange:
-            alpha_prime = self.log_alpha_prime().exp().clamp(0.0, 1e6)
-            gaps = (qf1_diff.detach() - config.cql_target_action_gap, qf2_diff.detach() - config.cql_target_action_gap)
-            alpha_prime_loss = -0.5 * alpha_prime * self.cql_alpha * (gaps[0] + gaps[1])
-            self.alpha_prime_optimizer.zero_grad(set_to_none=True)
-            alpha_prime_loss.backward()
-            self.alpha_prime_optimizer.step()
-            alpha_prime = alpha_prime.detach()
-            cql_loss_1 = alpha_prime * self.cql_alpha * (qf1_diff - config.cql_target_action_gap)
-            cql_loss_2 = alpha_prime * self.cql_alpha * (qf2_diff - config.cql_target_action_gap)
-            log["alpha_prime"] = alpha_prime
-        else:
-            cql_loss_1, cql_loss_2 = qf1_diff * self.cql_alpha, qf2_diff * self.cql_alpha
-        log.update(qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), cql_min_qf1_loss=cql_loss_1.detach(),
-                   cql_min_qf2_loss=cql_loss_2.detach(), average_qf1=q1_predicted.detach().mean(),
-                   average_target_q=target_q.mean(), cql_q1_rand=q1_rand.detach().mean(),
-                   cql_q1_current_actions=q1_current.detach().mean(), cql_q1_next_actions=q1_next.detach().mean())
-        return qf1_loss + qf2_loss + cql_loss_1 + cql_loss_2
-
-    def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """One Cal-QL step: temperature, actor (SAC), then critics (TD + calibrated CQL)."""
-        self.total_it += 1
-        config = self.config
-        states = batch["states"]
-        new_actions, log_pi = self.actor(states)
-        if config.use_automatic_entropy_tuning:
-            alpha_loss = -(self.log_alpha() * (log_pi + self.target_entropy).detach()).mean()
-            alpha = self.log_alpha().exp() * config.alpha_multiplier
-        else:
-            alpha_loss = states.new_tensor(0.0)
-            alpha = states.new_tensor(config.alpha_multiplier)
-
-        if self.total_it <= config.bc_steps:
-            policy_loss = (alpha.detach() * log_pi - self.actor.log_prob(states, batch["actions"])).mean()
-        else:
-            q_new_actions = torch.min(self.critic_1(states, new_actions), self.critic_2(states, new_actions))
-            policy_loss = (alpha.detach() * log_pi - q_new_actions).mean()
-
-        log: Dict[str, torch.Tensor] = {"policy_loss": policy_loss.detach(), "alpha_loss": alpha_loss.detach(),
-                                        "alpha": alpha.detach(), "log_pi": log_pi.detach().mean()}
-        qf_loss = self._q_loss(batch, alpha.detach(), log)
-
-        if config.use_automatic_entropy_tuning:
-            self.alpha_optimizer.zero_grad(set_to_none=True)
-            alpha_loss.backward()
-            self.alpha_optimizer.step()
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        policy_loss.backward()
-        self.actor_optimizer.step()
-        self.critic_optimizer.zero_grad(set_to_none=True)  # also drops what policy_loss left in the critics
-        qf_loss.backward()
-        self.critic_optimizer.step()
-        if self.total_it % config.target_update_period == 0:
-            soft_update(self.target_critic_1, self.critic_1, config.soft_target_update_rate)
-            soft_update(self.target_critic_2, self.critic_2, config.soft_target_update_rate)
-        return log
-
-    @torch.no_grad()
-    def act(self, state: np.ndarray, explore: bool) -> np.ndarray:
-        """Evaluation: tanh of the mean. Exploration: a sample of the policy."""
-        states = torch.atleast_2d(torch.as_tensor(state, dtype=torch.float32, device=self.device))
-        action, _ = self.actor(states, deterministic=not explore)
-        action = action.cpu().numpy()
-        return action[0] if np.ndim(state) == 1 else action
-
-    @torch.no_grad()
-    def sample_actions(self, states: torch.Tensor) -> torch.Tensor:
-        """A batch of exploration actions of the current policy (EDIS's policy-energy positives)."""
-        return self.actor(states)[0]
-
-    @torch.no_grad()
-    def policy_log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> Optional[torch.Tensor]:
-        """log pi(a|s) per row of the tanh-Gaussian policy."""
-        return self.actor.log_prob(states, actions)
-
-    def state_dict(self) -> Dict[str, Any]:
-        names = ("actor", "critic_1", "critic_2", "target_critic_1", "target_critic_2", "log_alpha",
-                 "log_alpha_prime", "actor_optimizer", "critic_optimizer", "alpha_optimizer", "alpha_prime_optimizer")
-        return {**{name: getattr(self, name).state_dict() for name in names}, "total_it": self.total_it,
-                "cql_alpha": self.cql_alpha, "calibration_enabled": self.calibration_enabled}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for name, value in state.items():
-            if name in ("total_it", "cql_alpha", "calibration_enabled"):
-                setattr(self, name, value)
-            else:
-                getattr(self, name).load_state_dict(value)
-# ==== END SHARED: Cal-QL agent ====
-
-
-# ==== BEGIN SHARED: EDIS refresh and metrics ====
-def rbf_mmd(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Squared maximum mean discrepancy with a Gaussian kernel, bandwidth = median pairwise distance."""
-    joint = torch.cat([x, y])
-    distances = torch.cdist(joint, joint) ** 2
-    bandwidth = distances[distances > 0].median().clamp_min(1e-6)
-    kernel = torch.exp(-distances / bandwidth)
-    n = len(x)
-    return float(kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean())
-
-
-def dynamics_errors(env: gym.Env, states: np.ndarray, actions: np.ndarray, next_states: np.ndarray,
-                    rewards: np.ndarray, next_state_std: np.ndarray, reward_std: float
-                    ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """Per row, the error of generated (s', r) against the simulator, in units of the data's std.
-
-    Hopper, Walker2d, HalfCheetah observe qpos without the x position, then qvel: set the
-    simulator to each generated s (x = 0; rewards use x differences only), step the generated a.
-    Returns (mean over dimensions of the squared s' error / next_state_std^2, |r error| / reward_std),
-    so that numbers compare across envs, or None where the observation does not give the state.
-    """
-    base = env.unwrapped
-    if not (env.spec is not None and env.spec.id.split("-")[0] in ("Hopper", "Walker2d", "HalfCheetah")):
-        return None
-    env.reset(seed=0)
-    nq = base.model.nq
-    true_next_states, true_rewards = np.empty_like(next_states), np.empty(len(rewards))
-    for i, (state, action) in enumerate(zip(states, actions, strict=True)):
-        base.set_state(np.concatenate([[0.0], state[:nq - 1]]), state[nq - 1:])
-        true_next_states[i], true_rewards[i], *_ = base.step(np.clip(action, env.action_space.low,
-                                                                     env.action_space.high))
-    state_errors = np.mean(((true_next_states - next_states) / next_state_std) ** 2, axis=1)
-    return state_errors, np.abs(true_rewards - rewards) / reward_std
-
-
-def mean_and_standard_error(values: np.ndarray) -> Tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(max(len(values), 1)))
-
-
-class EDIS:
-    """Owns the diffusion model, the three energies and the buffer of generated transitions.
-
-    `refresh` is one round of the method: fit the diffusion model (on offline + online data), train
-    the energies on the most recent online transitions, refill the generated buffer with guided
-    samples, and measure what guidance bought against unguided samples of the same model.
-    """
-
-    def __init__(self, config: EDISConfig, state_dim: int, action_dim: int, max_action: float,
-                 device: torch.device, fidelity_env: gym.Env, state_mean: np.ndarray, state_std: np.ndarray,
-                 reward_scale: float, reward_bias: float):
-        self.config, self.device, self.max_action = config, device, max_action
-        self.layout = TransitionLayout(state_dim, action_dim, config.include_terminal)
-        self.diffusion = TransitionDiffusion(self.layout.dim, config, device)
-        self.energies = TransitionEnergies(self.layout, config, device)
-        columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1}
-        self.generated = ReplayBuffer(config.num_samples, columns, device)
-        self.fidelity_env = fidelity_env
-        self.state_mean, self.state_std = state_mean, state_std
-        self.reward_scale, self.reward_bias = reward_scale, reward_bias
-        self.refreshes = 0
-        self.fidelity_note_shown = False
-
-    def state_dict(self) -> Dict[str, Any]:
-        """Diffusion model (with its EMA, optimiser and standardisation) and energies, for checkpoints."""
-        diffusion = self.diffusion
-        return {"model": diffusion.model.state_dict(), "ema": diffusion.ema.state_dict(),
-                "optimizer": diffusion.optimizer.state_dict(), "mean": diffusion.mean, "std": diffusion.std,
-                "energies": {name: network.state_dict() for name, network in self.energies.networks.items()},
-                "energy_optimizers": {name: opt.state_dict() for name, opt in self.energies.optimizers.items()},
-                "refreshes": self.refreshes}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """A loaded model is warm: the next refresh fits it for refresh_fit_steps, not initial_fit_steps."""
-        diffusion = self.diffusion
-        diffusion.model.load_state_dict(state["model"])
-        diffusion.ema.load_state_dict(state["ema"])
-        diffusion.optimizer.load_state_dict(state["optimizer"])
-        diffusion.mean, diffusion.std = state["mean"], state["std"]
-        for name, network in self.energies.networks.items():
-            if name in state["energies"]:
-                network.load_state_dict(state["energies"][name])
-                self.energies.optimizers[name].load_state_dict(state["energy_optimizers"][name])
-        self.refreshes = state["refreshes"]
-
-    def refresh(self, offline: Dict[str, torch.Tensor], online_buffer: ReplayBuffer, agent: Any) -> Dict[str, float]:
-        """One EDIS round. Without online data yet, only the diffusion model is fitted."""
-        config, log = self.config, {}
-        columns = ("states", "actions", "rewards", "next_states", "dones")
-        online = online_buffer.recent(len(online_buffer))
-        data = self.layout.join({name: torch.cat([offline[name], online[name]]) for name in columns})
-        first = self.refreshes == 0
-        if config.retrain_from_scratch and not first:
-            self.diffusion.reset_weights()
-        start = time.perf_counter()
-        steps = config.initial_fit_steps if first else config.refresh_fit_steps
-        log["edis/diffusion_loss"] = self.diffusion.fit(data, steps, desc=f"EDIS fit {self.refreshes}")
-        check_finite_values({"edis/diffusion_loss": log["edis/diffusion_loss"]},
-                            f"in the denoiser fit of refresh {self.refreshes}")
-        log["edis/time_diffusion_s"] = time.perf_counter() - start
-        self.refreshes += 1
-        if len(online_buffer) == 0:
-            return log
-
-        start = time.perf_counter()
-        recent = online_buffer.recent(config.positive_buffer_size)
-        positives = self.diffusion.normalize(self.layout.join(recent))
-        on_policy = dict(recent, actions=agent.sample_actions(recent["states"]))
-        policy_positives = self.diffusion.normalize(self.layout.join(on_policy))
-        with torch.no_grad():
-            unguided, trajectory = self.diffusion.sample(config.negative_pool, record=True)
-            conditioned, conditioned_trajectory = None, None
-            if "transition" in self.energies.active:  # runs that draw (r, s') given each positive's (s, a)
-                rows = torch.randperm(len(positives), device=self.device)[:config.transition_pool
-                                                                          // config.energy_negatives]
-                conditioned = positives[rows]
-                masks = self.energies.masks
-                _, conditioned_trajectory = self.diffusion.sample(
-                    len(rows) * config.energy_negatives, record=True,
-                    known=conditioned.repeat_interleave(config.energy_negatives, 0),
-                    known_mask=masks["state"] + masks["policy"])
-        levels = self.diffusion.guidance_levels()
-        sampling_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        for name, loss in self.energies.train(positives, policy_positives, trajectory, levels, config.energy_epochs,
-                                              conditioned, conditioned_trajectory).items():
-            log[f"edis/energy_loss_{name}"] = loss
-        check_finite_values({key: value for key, value in log.items() if key.startswith("edis/energy_loss")},
-                            f"in the energy training of refresh {self.refreshes}")
-        log["edis/time_energy_s"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        self.energies.reset_guidance_statistics()
-        guided, _ = self.diffusion.sample(config.num_samples, guidance=self.energies.guidance)
-        guidance_log = self.energies.guidance_statistics()
-        check_finite_values(guidance_log, f"in the guided sampling of refresh {self.refreshes}")
-        log.update(guidance_log)
-        # Rows far outside the data (in any dimension) are the sampler's failures, not transitions: drop them.
-        # The comparison is false for NaN, so such rows go too.
-        in_range = (self.diffusion.normalize(guided).abs() <= config.drop_beyond_std).all(dim=1)
-        guided = guided[in_range]
-        log["edis/dropped_out_of_range"] = float(config.num_samples - len(guided))
-        generated = self.layout.split(guided)
-        generated["actions"] = generated["actions"].clamp(-self.max_action, self.max_action)
-        self.generated.size = self.generated.pointer = 0  # the new samples replace the old ones
-        self.generated.add_batch(**generated)
-        log["edis/time_sampling_s"] = sampling_seconds + time.perf_counter() - start
-        log["edis/generated"] = float(len(self.generated))
-
-        count = min(config.metric_samples, len(unguided), len(guided))
-        if count < 2:  # everything was dropped: nothing to measure
-            return log
-        reference_states = recent["states"][-count:]
-        log["edis/state_mmd_offline"] = rbf_mmd(offline["states"][torch.randperm(len(offline["states"]),
-                                                                                  device=self.device)[:count]],
-                                                reference_states)
-        # The dynamics errors are in units of the data's std, so that numbers compare across envs.
-        data_std = {"next_states": offline["next_states"].std(0).cpu().numpy() * self.state_std + 1e-6,
-                    "rewards": float(offline["rewards"].std()) / abs(self.reward_scale) + 1e-6}
-        for label, samples in (("guided", guided[:count]), ("unguided", unguided[:count])):
-            log.update(self.alignment(label, self.layout.split(samples), reference_states, agent, data_std))
-        return log
-
-    def alignment(self, label: str, batch: Dict[str, torch.Tensor], online_states: torch.Tensor,
-                  agent: Any, data_std: Dict[str, Any]) -> Dict[str, float]:
-        """The three properties of generated data the paper claims, for one batch (means with standard errors)."""
-        metrics = {f"edis/state_mmd_{label}": rbf_mmd(batch["states"], online_states)}
-        log_prob = agent.policy_log_prob(batch["states"], batch["actions"].clamp(-self.max_action, self.max_action))
-        if log_prob is not None:
-            mean, error = mean_and_standard_error(log_prob.cpu().numpy())
-            metrics[f"edis/policy_loglik_{label}"], metrics[f"edis/policy_loglik_{label}_se"] = mean, error
-        raw = {name: batch[name].cpu().numpy() for name in ("states", "actions", "next_states", "rewards")}
-        errors = dynamics_errors(
-            self.fidelity_env, raw["states"] * self.state_std + self.state_mean, raw["actions"],
-            raw["next_states"] * self.state_std + self.state_mean,
-            (raw["rewards"][:, 0] - self.reward_bias) / self.reward_scale, data_std["next_states"],
-            data_std["rewards"])
-        if errors is None:
-            if not self.fidelity_note_shown:
-                print("note: dynamics fidelity is skipped: this env's observation does not determine its "
-                      "simulator state", file=sys.stderr)
-                self.fidelity_note_shown = True
-            return metrics
-        for name, values in zip(("dynamics_state_mse", "dynamics_reward_mae"), errors, strict=True):
-            mean, error = mean_and_standard_error(values)
-            metrics[f"edis/{name}_{label}"], metrics[f"edis/{name}_{label}_se"] = mean, error
-        return metrics
-# ==== END SHARED: EDIS refresh and metrics ====
 
 
 # ==== BEGIN SHARED: evaluation ====
@@ -1956,6 +2116,7 @@ def evaluation_due(step: int, config: Any) -> bool:
     online_step = step - config.offline_iterations
     return online_step % config.eval_freq == 0 or online_step == config.online_iterations
 # ==== END SHARED: evaluation ====
+
 
 # ==== BEGIN SHARED: logging and checkpoints ====
 def default_run_name(config: Any) -> str:
@@ -2204,162 +2365,6 @@ def load_checkpoint(path: str, device: torch.device) -> Dict[str, Any]:
         raise UserError(f"checkpoint {path} was written by {payload.get('algorithm')!r}, not {ALGORITHM!r}")
     return payload
 # ==== END SHARED: logging and checkpoints ====
-
-
-# ---------------------------------------------------------------------------------------------
-# Training: offline pretraining, then online fine-tuning
-# ---------------------------------------------------------------------------------------------
-def train(config: TrainConfig) -> Dict[str, Any]:
-    device = resolve_device(config.device)
-    set_seed(config.seed)
-    data, info = load_dataset(config.dataset, config.env)
-    env = make_env(info, seed=config.seed)
-    check_dataset_matches_env(data, env, info)
-    max_steps = max_episode_steps_of(env)
-    reward_scale, reward_bias = reward_transform(data, info, config.normalize_reward, config.reward_scale,
-                                                 config.reward_bias, max_steps)
-    state_mean, state_std = state_statistics(data["observations"], config.normalize)
-    fidelity_env = make_env(info, seed=config.seed)
-    env = NormalizeState(env, state_mean, state_std)
-    eval_envs = make_eval_envs(info, state_mean, state_std, min(config.eval_envs, config.n_episodes),
-                               config.eval_seed)
-    state_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    max_action = float(env.action_space.high[0])
-
-    offline = transition_columns(data)
-    offline["states"] = (offline["states"] - state_mean) / state_std
-    offline["next_states"] = (offline["next_states"] - state_mean) / state_std
-    offline["rewards"] = offline["rewards"] * reward_scale + reward_bias
-    offline["mc_returns"] = returns_to_go(offline["rewards"][:, 0], data["terminals"], data["episode_ends"],
-                                          config.discount, reward_bias if config.is_sparse_reward else None)[:, None]
-    columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1,
-               "mc_returns": 1}
-    offline_capacity = min(config.buffer_size, len(data["observations"]))
-    offline_buffer = ReplayBuffer(offline_capacity, columns, device)
-    offline_buffer.add_batch(**{name: values[-offline_capacity:] for name, values in offline.items()})
-    online_buffer = ReplayBuffer(max(min(config.buffer_size, config.online_iterations), 1), columns, device)
-    edis = EDIS(config.edis, state_dim, action_dim, max_action, device, fidelity_env, state_mean, state_std,
-                reward_scale, reward_bias)
-    generated_batch_size = int(config.batch_size * config.edis.mix_ratio)
-    online_batch_size = config.batch_size - generated_batch_size
-
-    agent = CalQL(config, state_dim, action_dim, max_action, device)
-    start = 0
-    if config.load_model:
-        checkpoint = load_checkpoint(config.load_model, device)
-        agent.load_state_dict(checkpoint["agent"])
-        if "edis" in checkpoint:  # absent in a checkpoint of the base algorithm or of the offline phase
-            edis.load_state_dict(checkpoint["edis"])
-        start = config.offline_iterations  # a loaded agent skips offline pretraining
-    first_step, seconds = start, {"offline": 0.0, "online": 0.0}
-    snapshot = Snapshots.load(Path(config.resume), device) if config.resume else None
-    config.name = config.name or default_run_name(config)
-    logger = RunLogger(config, info, resumed=snapshot["logger"] if snapshot else None)
-    collector = OnlineCollector(env, info, config.seed, reward_scale, reward_bias)
-    if snapshot is not None:
-        agent.load_state_dict(snapshot["agent"])
-        if snapshot["edis"] is not None:
-            edis.load_state_dict(snapshot["edis"])
-        edis.generated.load_state_dict(snapshot["generated"])
-        online_buffer.load_state_dict(snapshot["online_buffer"])
-        collector.load_state_dict(snapshot["collector"])
-        first_step, seconds = snapshot["step"], snapshot["seconds"]
-        restore_rng_states(snapshot["rng"])
-        print(f"resumed {logger.run_dir} at step {first_step}")
-    snapshots, guard = Snapshots(logger.run_dir, config.snapshot_every), FiniteGuard()
-    checkpoint_dir = Path(config.checkpoints_path) / config.name if config.checkpoints_path else None
-    total = config.offline_iterations + config.online_iterations
-    score_key = "eval/normalized_score" if info.has_reference else "eval/return"
-    print(f"Cal-QL-EDIS on {info.source} ({info.env_id}), {len(data['observations'])} transitions, device {device}, "
-          f"logs in {logger.run_dir}")
-
-    progress = tqdm(range(first_step, total), initial=first_step, total=total, desc="Cal-QL-EDIS", mininterval=1.0)
-    clock = time.perf_counter()
-    postfix = {"phase": "offline" if first_step < config.offline_iterations else "online"}
-    try:
-        for t in progress:
-            phase = "offline" if t < config.offline_iterations else "online"
-            if t == config.offline_iterations:
-                postfix["phase"] = "online"
-                progress.set_postfix(postfix)
-                agent.start_online()
-                if not config.edis.retrain_from_scratch:  # a model refitted from scratch needs no head start
-                    logger.log(edis.refresh(offline_buffer.recent(len(offline_buffer)), online_buffer, agent), t, phase)
-            episode_log = None
-            if phase == "online":
-                action = agent.act(collector.state, explore=True)
-                transition, episode_log = collector.step(action)
-                # Online and generated rows carry no return-to-go: calibration is off online (CORL).
-                online_buffer.add(**transition, mc_returns=np.zeros(1, np.float32))
-                if collector.env_steps % config.edis.refresh_every == 0:
-                    refresh_log = edis.refresh(offline_buffer.recent(len(offline_buffer)), online_buffer, agent)
-                    logger.log({**refresh_log, "env_steps": collector.env_steps}, t + 1, phase)
-                # Until the first refresh has generated anything, offline data stand in for generated data.
-                if len(edis.generated):
-                    generated_part = edis.generated.sample(generated_batch_size)
-                    generated_part["mc_returns"] = torch.zeros_like(generated_part["rewards"])
-                else:
-                    generated_part = offline_buffer.sample(generated_batch_size)
-                online_part = online_buffer.sample(online_batch_size)
-                batch = {name: torch.cat([generated_part[name], online_part[name]]) for name in columns}
-            else:
-                batch = offline_buffer.sample(config.batch_size)
-            losses = agent.update(batch)
-            step = t + 1
-            guard.watch(losses, step)
-            if step % config.log_freq == 0:
-                guard.check()
-                logger.log({f"train/{name}": value.item() for name, value in losses.items()}, step, phase)
-            if episode_log is not None:
-                logger.log({**episode_log, "env_steps": collector.env_steps}, step, phase)
-            if evaluation_due(step, config):
-                metrics = evaluate(eval_envs, lambda s: agent.act(s, explore=False), info, config.n_episodes,
-                                   config.eval_seed)
-                logger.log(metrics, step, phase)
-                postfix[score_key.split("/")[1]] = f"{metrics[score_key]:.1f}"
-                progress.set_postfix(postfix)
-                if checkpoint_dir is not None:
-                    save_checkpoint(checkpoint_dir / f"checkpoint_{step}.pt",
-                                    {"algorithm": ALGORITHM, "agent": agent.state_dict(), "step": step,
-                                     "phase": phase, "state_mean": state_mean, "state_std": state_std,
-                                     "config": asdict(config),
-                                     **({"edis": edis.state_dict()} if edis.refreshes else {})})
-            now = time.perf_counter()
-            seconds[phase], clock = seconds[phase] + now - clock, now
-            if snapshots.due(step, phase == "online" and collector.episode_length > 0, max_steps):
-                guard.check()  # never snapshot a run that has gone bad
-                snapshots.save({"algorithm": ALGORITHM, "config": asdict(config), "step": step, "seconds": seconds,
-                                "agent": agent.state_dict(), "edis": edis.state_dict() if edis.refreshes else None,
-                                "generated": edis.generated.state_dict(),
-                                "online_buffer": online_buffer.state_dict(), "collector": collector.state_dict(),
-                                "logger": logger.state_dict(), "rng": rng_states()})
-        guard.check()
-    except UserError as error:
-        if snapshots.path.is_file():
-            raise UserError(f"{error} (the last snapshot is kept: python {sys.argv[0]} --resume {logger.run_dir})"
-                            ) from None
-        raise
-    finally:
-        progress.close()
-        env.close()
-        eval_envs.close()
-        fidelity_env.close()
-    offline_seconds, online_seconds = seconds["offline"], seconds["online"]
-    summary = {
-        "algorithm": ALGORITHM, "dataset": info.source, "env": info.env_id, "seed": config.seed,
-        "score_metric": score_key,
-        "offline": {**phase_summary(logger.history, "offline"), "iterations": max(config.offline_iterations - start, 0),
-                    "wall_clock_s": round(offline_seconds, 2)},
-        "online": {**phase_summary(logger.history, "online"), "env_steps": collector.env_steps,
-                   "wall_clock_s": round(online_seconds, 2)},
-        "env_steps": collector.env_steps,
-        "edis_refreshes": edis.refreshes,
-        "versions": package_versions(),
-    }
-    logger.write_summary(summary)
-    logger.close()
-    snapshots.remove()  # the run is complete: its summary and checkpoints are what remains
-    return summary
 
 
 # ==== BEGIN SHARED: entry point ====

@@ -12,6 +12,7 @@ The file is self-contained: copy it into your project and it runs. A section mar
 `BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name holds it identically.
 """
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -22,7 +23,6 @@ import platform
 import random
 import re
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -87,24 +87,312 @@ class TrainConfig:
     name: str = ""  # run name; empty: <algorithm>-<dataset>-seed<seed>-<8 hex>
     wandb_mode: str = "offline"  # online | offline | disabled
     log_dir: str = "runs"  # each run writes log_dir/<name>/: config.yaml, metrics.jsonl, summary.json
-    checkpoints_path: Optional[str] = None  # save a checkpoint at each evaluation to checkpoints_path/<name>/
+    checkpoints_path: str = ""  # save a checkpoint at each evaluation to checkpoints_path/<name>/ (empty: none)
     snapshot_every: int = 10_000  # steps between snapshots that --resume continues from (0: none)
     resume: str = ""  # a run directory (log_dir/<name>) to continue from its last snapshot
     load_model: str = ""  # checkpoint to start from; it skips offline pretraining
 
 
-def validate_config(config: TrainConfig) -> None:
-    validate_common_config(config)
-    check_range(config, "discount", 0.0, 1.0)
-    check_range(config, "tau", 0.0, 1.0)
-    check_range(config, "iql_tau", 0.0, 1.0)
-    check_range(config, "actor_dropout", 0.0, 1.0)
-    for name in ("beta", "expl_noise", "noise_clip"):
-        check_range(config, name, 0.0, math.inf)
-    for name in ("actor_lr", "qf_lr", "vf_lr"):
-        check_range(config, name, 0.0, math.inf, low_inclusive=False)
-    for name in ("hidden_dim", "n_hidden"):
-        check_range(config, name, 1, math.inf)
+# ==== BEGIN SHARED: IQL networks ====
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+EXP_ADV_MAX = 100.0
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+def mlp(dims: List[int], output_activation: Optional[Callable[[], nn.Module]] = None,
+        dropout: float = 0.0) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for i in range(len(dims) - 2):
+        layers += [nn.Linear(dims[i], dims[i + 1]), nn.ReLU()]
+        if dropout > 0.0:
+            layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(dims[-2], dims[-1]))
+    if output_activation is not None:
+        layers.append(output_activation())
+    return nn.Sequential(*layers)
+
+
+class GaussianPolicy(nn.Module):
+    """tanh-bounded mean, state-independent log std (CORL's IQL actor)."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden_dim: int, n_hidden: int, dropout: float):
+        super().__init__()
+        self.net = mlp([state_dim, *[hidden_dim] * n_hidden, action_dim], nn.Tanh, dropout)
+        self.log_std = nn.Parameter(torch.zeros(action_dim))
+
+    def forward(self, states: torch.Tensor) -> Normal:
+        std = torch.exp(self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX))
+        # No argument checks: each costs a device sync, and NaN is reported by the run's FiniteGuard in one line.
+        return Normal(self.net(states), std, validate_args=False)
+
+    def log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self(states).log_prob(actions).sum(-1)
+
+
+class DeterministicPolicy(nn.Module):
+    def __init__(self, state_dim: int, action_dim: int, hidden_dim: int, n_hidden: int, dropout: float):
+        super().__init__()
+        self.net = mlp([state_dim, *[hidden_dim] * n_hidden, action_dim], nn.Tanh, dropout)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.net(states)
+
+
+class TwinQ(nn.Module):
+    def __init__(self, state_dim: int, action_dim: int, hidden_dim: int, n_hidden: int):
+        super().__init__()
+        dims = [state_dim + action_dim, *[hidden_dim] * n_hidden, 1]
+        self.q1, self.q2 = mlp(dims), mlp(dims)
+
+    def both(self, states: torch.Tensor, actions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        state_actions = torch.cat([states, actions], -1)
+        return self.q1(state_actions).squeeze(-1), self.q2(state_actions).squeeze(-1)
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return torch.min(*self.both(states, actions))
+
+
+class ValueFunction(nn.Module):
+    def __init__(self, state_dim: int, hidden_dim: int, n_hidden: int):
+        super().__init__()
+        self.v = mlp([state_dim, *[hidden_dim] * n_hidden, 1])
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.v(states).squeeze(-1)
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - tau) target + tau source, one fused call over every parameter."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def asymmetric_l2_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
+    return torch.mean(torch.abs(tau - (u < 0).float()) * u**2)
+# ==== END SHARED: IQL networks ====
+
+
+# ==== BEGIN SHARED: IQL agent ====
+# ---------------------------------------------------------------------------------------------
+# Agent
+# ---------------------------------------------------------------------------------------------
+class ImplicitQLearning:
+    def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
+                 device: torch.device):
+        self.config, self.device, self.max_action = config, device, max_action
+        policy_class = DeterministicPolicy if config.iql_deterministic else GaussianPolicy
+        self.actor = policy_class(state_dim, action_dim, config.hidden_dim, config.n_hidden,
+                                  config.actor_dropout).to(device)
+        self.qf = TwinQ(state_dim, action_dim, config.hidden_dim, config.n_hidden).to(device)
+        self.q_target = copy.deepcopy(self.qf).requires_grad_(False)
+        self.vf = ValueFunction(state_dim, config.hidden_dim, config.n_hidden).to(device)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
+        self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=config.qf_lr)
+        self.v_optimizer = torch.optim.Adam(self.vf.parameters(), lr=config.vf_lr)
+        # As CORL: T_max = offline_iterations, and the schedule keeps stepping online.
+        self.actor_lr_schedule = CosineAnnealingLR(self.actor_optimizer, max(config.offline_iterations, 1))
+        self.total_it = 0
+
+    def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One IQL step: V by expectile regression, Q by TD to V, actor by advantage-weighted BC."""
+        self.total_it += 1
+        states, actions = batch["states"], batch["actions"]
+        rewards, dones = batch["rewards"].squeeze(-1), batch["dones"].squeeze(-1)
+        with torch.no_grad():
+            target_q = self.q_target(states, actions)
+            next_v = self.vf(batch["next_states"])
+
+        value = self.vf(states)
+        advantage = target_q - value
+        value_loss = asymmetric_l2_loss(advantage, self.config.iql_tau)
+        self.v_optimizer.zero_grad(set_to_none=True)
+        value_loss.backward()
+        self.v_optimizer.step()
+
+        targets = rewards + (1.0 - dones) * self.config.discount * next_v
+        q1, q2 = self.qf.both(states, actions)
+        q_loss = (F.mse_loss(q1, targets) + F.mse_loss(q2, targets)) / 2
+        self.q_optimizer.zero_grad(set_to_none=True)
+        q_loss.backward()
+        self.q_optimizer.step()
+        soft_update(self.q_target, self.qf, self.config.tau)
+
+        exp_advantage = torch.exp(self.config.beta * advantage.detach()).clamp(max=EXP_ADV_MAX)
+        unit_actions = actions / self.max_action  # the actor's outputs live in [-1, 1]
+        if isinstance(self.actor, GaussianPolicy):
+            bc_losses = -self.actor.log_prob(states, unit_actions)
+        else:
+            bc_losses = ((self.actor(states) - unit_actions) ** 2).sum(-1)
+        actor_loss = torch.mean(exp_advantage * bc_losses)
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        self.actor_lr_schedule.step()
+        return {"value_loss": value_loss.detach(), "q_loss": q_loss.detach(), "actor_loss": actor_loss.detach(),
+                "mean_value": value.detach().mean(), "mean_advantage": advantage.detach().mean()}
+
+    @torch.no_grad()
+    def act(self, state: np.ndarray, explore: bool) -> np.ndarray:
+        """Evaluation: the mean action, dropout off. Exploration: a Gaussian sample (or noise)."""
+        self.actor.train(explore)
+        states = torch.atleast_2d(torch.as_tensor(state, dtype=torch.float32, device=self.device))
+        if isinstance(self.actor, GaussianPolicy):
+            distribution = self.actor(states)
+            action = distribution.sample() if explore else distribution.mean
+        else:
+            action = self.actor(states)
+            if explore:
+                noise = (torch.randn_like(action) * self.config.expl_noise).clamp(-self.config.noise_clip,
+                                                                                   self.config.noise_clip)
+                action = action + noise
+        self.actor.train()
+        action = (action * self.max_action).clamp(-self.max_action, self.max_action)
+        action = action.cpu().numpy()
+        return action[0] if np.ndim(state) == 1 else action
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "q_target": self.q_target.state_dict(),
+                "vf": self.vf.state_dict(), "actor_optimizer": self.actor_optimizer.state_dict(),
+                "q_optimizer": self.q_optimizer.state_dict(), "v_optimizer": self.v_optimizer.state_dict(),
+                "actor_lr_schedule": self.actor_lr_schedule.state_dict(), "total_it": self.total_it}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for name in ("actor", "qf", "q_target", "vf", "actor_optimizer", "q_optimizer", "v_optimizer",
+                     "actor_lr_schedule"):
+            getattr(self, name).load_state_dict(state[name])
+        self.total_it = state["total_it"]
+# ==== END SHARED: IQL agent ====
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: offline pretraining, then online fine-tuning
+# ---------------------------------------------------------------------------------------------
+def train(config: TrainConfig) -> Dict[str, Any]:
+    device = resolve_device(config.device)
+    set_seed(config.seed)
+    data, info = load_dataset(config.dataset, config.env)
+    env = make_env(info, seed=config.seed)
+    check_dataset_matches_env(data, env, info)
+    max_steps = max_episode_steps_of(env)
+    reward_scale, reward_bias = reward_transform(data, info, config.normalize_reward, config.reward_scale,
+                                                 config.reward_bias, max_steps)
+    state_mean, state_std = state_statistics(data["observations"], config.normalize)
+    env = NormalizeState(env, state_mean, state_std)
+    eval_envs = make_eval_envs(info, state_mean, state_std, min(config.eval_envs, config.n_episodes),
+                               config.eval_seed)
+    state_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    max_action = float(env.action_space.high[0])
+
+    # One buffer: the offline dataset first, online transitions appended (CORL's IQL fine-tuning).
+    offline = transition_columns(data)
+    offline["states"] = (offline["states"] - state_mean) / state_std
+    offline["next_states"] = (offline["next_states"] - state_mean) / state_std
+    offline["rewards"] = offline["rewards"] * reward_scale + reward_bias
+    capacity = min(config.buffer_size, len(data["observations"]) + config.online_iterations)
+    replay_buffer = ReplayBuffer(capacity, {"states": state_dim, "actions": action_dim, "rewards": 1,
+                                            "next_states": state_dim, "dones": 1}, device)
+    replay_buffer.add_batch(**{name: values[-capacity:] for name, values in offline.items()})
+
+    agent = ImplicitQLearning(config, state_dim, action_dim, max_action, device)
+    start = 0
+    if config.load_model:
+        checkpoint = load_checkpoint(config.load_model, device)
+        agent.load_state_dict(checkpoint["agent"])
+        start = config.offline_iterations  # a loaded agent skips offline pretraining
+    first_step, seconds = start, {"offline": 0.0, "online": 0.0}
+    snapshot = Snapshots.load(Path(config.resume), device) if config.resume else None
+    config.name = config.name or default_run_name(config)
+    logger = RunLogger(config, info, resumed=snapshot["logger"] if snapshot else None)
+    collector = OnlineCollector(env, info, config.seed, reward_scale, reward_bias)
+    offline_rows = min(len(offline["states"]), capacity)
+    if snapshot is not None:
+        agent.load_state_dict(snapshot["agent"])
+        replay_buffer.load_state_dict(snapshot["replay_buffer"])
+        collector.load_state_dict(snapshot["collector"])
+        first_step, seconds = snapshot["step"], snapshot["seconds"]
+        restore_rng_states(snapshot["rng"])
+        print(f"resumed {logger.run_dir} at step {first_step}")
+    snapshots, guard = Snapshots(logger.run_dir, config.snapshot_every), FiniteGuard()
+    checkpoint_dir = Path(config.checkpoints_path) / config.name if config.checkpoints_path else None
+    total = config.offline_iterations + config.online_iterations
+    score_key = "eval/normalized_score" if info.has_reference else "eval/return"
+    print(f"IQL on {info.source} ({info.env_id}), {len(data['observations'])} transitions, device {device}, "
+          f"logs in {logger.run_dir}")
+
+    progress = tqdm(range(first_step, total), initial=first_step, total=total, desc="IQL", mininterval=1.0)
+    clock = time.perf_counter()
+    postfix = {"phase": "offline" if first_step < config.offline_iterations else "online"}
+    try:
+        for t in progress:
+            phase = "offline" if t < config.offline_iterations else "online"
+            if t == config.offline_iterations:
+                postfix["phase"] = "online"
+                progress.set_postfix(postfix)
+            episode_log = None
+            if phase == "online":
+                action = agent.act(collector.state, explore=True)
+                transition, episode_log = collector.step(action)
+                replay_buffer.add(**transition)
+            losses = agent.update(replay_buffer.sample(config.batch_size))
+            step = t + 1
+            guard.watch(losses, step)
+            if step % config.log_freq == 0:
+                guard.check()
+                logger.log({f"train/{name}": value.item() for name, value in losses.items()}, step, phase)
+            if episode_log is not None:
+                logger.log({**episode_log, "env_steps": collector.env_steps}, step, phase)
+            if evaluation_due(step, config):
+                metrics = evaluate(eval_envs, lambda s: agent.act(s, explore=False), info, config.n_episodes,
+                                   config.eval_seed)
+                logger.log(metrics, step, phase)
+                postfix[score_key.split("/")[1]] = f"{metrics[score_key]:.1f}"
+                progress.set_postfix(postfix)
+                if checkpoint_dir is not None:
+                    save_checkpoint(checkpoint_dir / f"checkpoint_{step}.pt",
+                                    {"algorithm": ALGORITHM, "agent": agent.state_dict(), "step": step,
+                                     "phase": phase, "state_mean": state_mean, "state_std": state_std,
+                                     "config": asdict(config)})
+            now = time.perf_counter()
+            seconds[phase], clock = seconds[phase] + now - clock, now
+            if snapshots.due(step, phase == "online" and collector.episode_length > 0, max_steps):
+                guard.check()  # never snapshot a run that has gone bad
+                snapshots.save({"algorithm": ALGORITHM, "config": asdict(config), "step": step, "seconds": seconds,
+                                "agent": agent.state_dict(), "replay_buffer": replay_buffer.state_dict(offline_rows),
+                                "collector": collector.state_dict(), "logger": logger.state_dict(),
+                                "rng": rng_states()})
+        guard.check()
+    except UserError as error:
+        if snapshots.path.is_file():
+            raise UserError(f"{error} (the last snapshot is kept: python {sys.argv[0]} --resume {logger.run_dir})"
+                            ) from None
+        raise
+    finally:
+        progress.close()
+        env.close()
+        eval_envs.close()
+    offline_seconds, online_seconds = seconds["offline"], seconds["online"]
+    summary = {
+        "algorithm": ALGORITHM, "dataset": info.source, "env": info.env_id, "seed": config.seed,
+        "score_metric": score_key,
+        "offline": {**phase_summary(logger.history, "offline"), "iterations": max(config.offline_iterations - start, 0),
+                    "wall_clock_s": round(offline_seconds, 2)},
+        "online": {**phase_summary(logger.history, "online"), "env_steps": collector.env_steps,
+                   "wall_clock_s": round(online_seconds, 2)},
+        "env_steps": collector.env_steps,
+        "versions": package_versions(),
+    }
+    logger.write_summary(summary)
+    logger.close()
+    snapshots.remove()  # the run is complete: its summary and checkpoints are what remains
+    return summary
+
+
+# =============================================================================================
+# Machinery, found here when needed: command line and config files, datasets, environment,
+# replay buffer, evaluation, logging and checkpoints. The algorithm is above.
+# =============================================================================================
 
 
 # ==== BEGIN SHARED: command line and config files ====
@@ -120,147 +408,126 @@ class NonFiniteError(UserError):
 ALL_CONFIG_SECTIONS = ("iql", "calql", "edis", "iql_edis", "calql_edis")
 
 
-def _pop_config_argument(argv: List[str]) -> Tuple[Optional[str], List[str]]:
-    """Takes `--config PATH` (or pyrallis' own `--config_path PATH`) out of argv."""
-    rest, path, i = [], None, 0
-    while i < len(argv):
-        arg = argv[i]
-        key, eq, value = arg.partition("=")
-        if key in ("--config", "--config_path"):
-            if eq:
-                path = value
-            elif i + 1 < len(argv):
-                path, i = argv[i + 1], i + 1
-            else:
-                raise UserError(f"{key} needs a file path")
-        else:
-            rest.append(arg)
-        i += 1
-    return path, rest
+# One decoding rule for every value, from a file or the command line. Files are read with YAML's BaseLoader,
+# so a value arrives as the text that was written, just as on the command line: `name: off` stays "off",
+# `normalize: perhaps` and `seed: 1.7` are errors. pyrallis applies these to every field it decodes.
+BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
-def _dataclass_fields(cls: type) -> Dict[str, Any]:
-    return {f.name: f for f in fields(cls)}
+def decode_bool(value: Any) -> bool:
+    if str(value).lower() not in BOOLEANS:
+        raise ValueError("is not true or false")
+    return BOOLEANS[str(value).lower()]
 
 
-def read_config_file(path: str, config_class: type, own_sections: Tuple[str, ...]) -> Dict[str, Any]:
-    """Common keys plus this script's sections of a dataset YAML, checked against the dataclass.
+def decode_int(value: Any) -> int:
+    with contextlib.suppress(ValueError, OverflowError):  # 1_000_000 and 1e6 are integers too
+        if not isinstance(value, (bool, float)) and float(str(value)).is_integer():
+            return int(float(str(value))) if "e" in str(value).lower() else int(str(value))
+    raise ValueError("is not an integer")
 
-    Later sections in `own_sections` override earlier ones and the common keys. A section named
-    after a nested dataclass field (`edis:`) fills that field; any other (`iql:`, `iql_edis:`) is
-    merged into the top level, where a mapping for a nested field (`edis:` inside `iql_edis:`)
-    updates it key by key.
+
+def decode_float(value: Any) -> float:
+    with contextlib.suppress(ValueError):
+        if not isinstance(value, bool) and math.isfinite(float(str(value))):
+            return float(str(value))
+    raise ValueError("is not a finite number")
+
+
+def decode_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError("is not a single value")
+
+
+for _kind, _decoder in ((bool, decode_bool), (int, decode_int), (float, decode_float), (str, decode_str)):
+    pyrallis.decode.register(_kind, _decoder)
+
+
+def field_types(config_class: Any) -> Dict[str, Any]:
+    return {field.name: field.type for field in fields(config_class)} if is_dataclass(config_class) else {}
+
+
+def flatten(mapping: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"edis": {"width": "64"}} -> {"edis.width": "64"}: the dotted names of the command line."""
+    flat: Dict[str, Any] = {}
+    for key, value in mapping.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def read_config_file(path: str, config_class: type, own_sections: Tuple[str, ...]) -> Dict[str, Tuple[Any, str]]:
+    """Dotted key -> (text, "'key' in path"): the common keys, then this script's sections in order.
+
+    A section named after a nested field (`edis:`) fills that field; any other (`iql:`, `iql_edis:`) sets
+    top-level keys, and a mapping inside it (`edis:` inside `iql_edis:`) sets the nested field key by key.
     """
     try:
         with open(path) as file:
-            raw = yaml.safe_load(file)
+            raw = yaml.load(file, Loader=yaml.BaseLoader) or {}
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except (OSError, yaml.YAMLError) as error:
         raise UserError(f"cannot read config file {path}: {str(error).splitlines()[0]}") from None
-    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values")
-    known = _dataclass_fields(config_class)
-    merged: Dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in ALL_CONFIG_SECTIONS:
-            if not isinstance(value, dict):
-                raise UserError(f"section '{key}' in {path} must be a mapping")
-        elif key not in known:
-            raise UserError(f"unknown key '{key}' in {path}")
-        else:
-            merged[key] = value
+    for section in ALL_CONFIG_SECTIONS:
+        if not isinstance(raw.get(section) or {}, dict):
+            raise UserError(f"section '{section}' in {path} must be a mapping")
+    common = {key: value for key, value in raw.items() if key not in ALL_CONFIG_SECTIONS}
+    values = {key: (text, f"'{key}' in {path}") for key, text in flatten(common).items()}
     for section in own_sections:
-        values = raw.get(section) or {}
-        if section in known:
-            values = {section: values}
-        for key, value in values.items():
-            if key not in known:
-                raise UserError(f"unknown key '{section}.{key}' in {path}")
-            if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                merged[key] = {**merged[key], **value}
-            else:
-                merged[key] = value
-    # Nested dataclass fields (such as `edis`) are checked against their own fields.
-    defaults = config_class()
-    for key, value in merged.items():
-        default = getattr(defaults, key)
-        if is_dataclass(default):
-            if not isinstance(value, dict):
-                raise UserError(f"'{key}' in {path} must be a mapping")
-            nested = _dataclass_fields(type(default))
-            for sub_key in value:
-                if sub_key not in nested:
-                    raise UserError(f"unknown key '{key}.{sub_key}' in {path}")
-        elif isinstance(value, dict):
-            raise UserError(f"'{key}' in {path} must be a single value, not a mapping")
-    return merged
-
-
-BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
-
-
-def prepare_command_line(config_class: type, args: List[str]) -> List[str]:
-    """Checks options and quotes string values for pyrallis.
-
-    Unknown options and non-boolean words for booleans are errors naming the option. pyrallis
-    reads values as YAML, so `--name off` would become "False": values of str fields are quoted.
-    """
-    defaults, prepared, skip = config_class(), [], False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        prepared.append(arg)
-        if not arg.startswith("--") or arg in ("--help", "-h"):
-            continue
-        key, eq, value = arg[2:].partition("=")
-        head, _, tail = key.partition(".")
-        owner = getattr(defaults, head) if tail and hasattr(defaults, head) else defaults
-        name = tail or head
-        if not hasattr(defaults, head) or (tail and not (is_dataclass(owner) and hasattr(owner, tail))):
-            raise UserError(f"unknown option --{key} (see --help)")
-        if not eq:
-            if i + 1 >= len(args):
-                continue  # pyrallis reports the missing value
-            value, skip = args[i + 1], True
-        if isinstance(getattr(owner, name), bool) and value.lower() not in BOOLEAN_WORDS:
-            raise UserError(f"--{key} takes true or false, not {value!r}")
-        field_type = _dataclass_fields(type(owner))[name].type
-        prepared[-1:] = [f"--{key}", json.dumps(value) if field_type is str else value]
-    return prepared
+        body = raw.get(section) or {}
+        prefix = f"{section}." if is_dataclass(field_types(config_class).get(section)) else ""
+        values.update({prefix + key: (text, f"'{section}.{key}' in {path}") for key, text in flatten(body).items()})
+    return values
 
 
 def parse_config(config_class: type, own_sections: Tuple[str, ...], argv: Optional[List[str]] = None) -> Any:
-    """Dataclass from defaults < config file < command line (`--key value`, `--section.key value`)."""
+    """Dataclass from defaults < config file (--config) < command line (`--key value`, `--section.key=value`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    path, rest = _pop_config_argument(argv)
-    rest = prepare_command_line(config_class, rest)
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = None
-        if path is not None:
-            values = read_config_file(path, config_class, own_sections)
-            config_path = os.path.join(tmp, "config.yaml")
-            with open(config_path, "w") as file:
-                yaml.safe_dump(values, file)
-        # pyrallis finds each field's comment with inspect.getsource(class), which re-parses this whole
-        # file per field (seconds for a long file): cache it while parsing.
-        getsource = inspect.getsource
-        inspect.getsource = functools.lru_cache(maxsize=None)(getsource)
+    if "--help" in argv or "-h" in argv:
+        print_help(config_class)
+        raise SystemExit(0)
+    from_file: Dict[str, Tuple[Any, str]] = {}
+    from_command_line: Dict[str, Tuple[Any, str]] = {}  # (text, "") for each --key
+    words = iter(argv)
+    for word in words:
+        option, has_value, text = word.partition("=")
+        if not option.startswith("--"):
+            raise UserError(f"unexpected argument {word!r}: options are --key value")
+        text = text if has_value else next(words, None)
+        if text is None:
+            raise UserError(f"{option} needs a value")
+        if option in ("--config", "--config_path"):
+            from_file = read_config_file(text, config_class, own_sections)
+        else:
+            from_command_line[option[2:]] = (text, "")
+    nested: Dict[str, Any] = {}
+    for key, (text, where) in {**from_file, **from_command_line}.items():
+        *heads, name = key.split(".")
+        owner, target = config_class, nested
+        for head in heads:  # `edis.width`: into the nested dataclass
+            owner, target = field_types(owner).get(head), target.setdefault(head, {})
+        kind = field_types(owner).get(name)
+        if kind is None or is_dataclass(kind):
+            raise UserError(f"unknown key {where}" if where else f"unknown option --{key} (see --help)")
         try:
-            return pyrallis.parse(config_class=config_class, config_path=config_path, args=rest)
-        except SystemExit:
-            raise
-        except Exception as error:  # pyrallis reports bad types with its own exceptions
-            message = str(error)
-            field = re.search(r"value=(.*?) into field \"[^\"]*?\.([\w.]+)\" of type <class '(\w+)'>", message)
-            if field:
-                value, name, kind = field.groups()
-                raise UserError(f"{name} = {value} is not a valid {kind}") from None
-            raise UserError(f"bad configuration: {message.strip().splitlines()[-1].strip()}") from None
-        finally:
-            inspect.getsource = getsource
+            target[name] = pyrallis.decode(kind, text)
+        except ValueError as error:
+            raise UserError(f"{key} = {text!r} {error}" + (f" ({where})" if where else "")) from None
+    return pyrallis.decode(config_class, nested)
+
+
+def print_help(config_class: type) -> None:
+    """pyrallis' --help: every option with its field's comment."""
+    # pyrallis finds each comment with inspect.getsource(class), which re-reads this long file per field: cache it.
+    getsource = inspect.getsource
+    inspect.getsource = functools.lru_cache(maxsize=None)(getsource)
+    try:
+        pyrallis.argparsing.ArgumentParser(config_class=config_class).print_help()
+    finally:
+        inspect.getsource = getsource
 
 
 def check_range(
@@ -284,8 +551,10 @@ def validate_common_config(config: Any) -> None:
         raise UserError(f"wandb_mode = {config.wandb_mode!r}: use online, offline or disabled")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", config.device):
         raise UserError(f"device = {config.device!r}: use auto, cpu, cuda or cuda:N")
+# ==== END SHARED: command line and config files ====
 
 
+# ==== BEGIN SHARED: device and seeds ====
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -301,7 +570,21 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-# ==== END SHARED: command line and config files ====
+# ==== END SHARED: device and seeds ====
+
+
+def validate_config(config: TrainConfig) -> None:
+    validate_common_config(config)
+    check_range(config, "discount", 0.0, 1.0)
+    check_range(config, "tau", 0.0, 1.0)
+    check_range(config, "iql_tau", 0.0, 1.0)
+    check_range(config, "actor_dropout", 0.0, 1.0)
+    for name in ("beta", "expl_noise", "noise_clip"):
+        check_range(config, name, 0.0, math.inf)
+    for name in ("actor_lr", "qf_lr", "vf_lr"):
+        check_range(config, name, 0.0, math.inf, low_inclusive=False)
+    for name in ("hidden_dim", "n_hidden"):
+        check_range(config, name, 1, math.inf)
 
 
 # ==== BEGIN SHARED: datasets ====
@@ -932,12 +1215,6 @@ class ReplayBuffer:
         index = torch.randint(0, self.size, (batch_size,), device=self.device)
         return {name: column[index] for name, column in self.data.items()}
 
-    def recent(self, count: int) -> Dict[str, torch.Tensor]:
-        """The last `count` rows added (all rows when fewer), oldest first."""
-        count = min(count, self.size)
-        index = (self.pointer - count + torch.arange(count, device=self.device)) % self.capacity
-        return {name: column[index] for name, column in self.data.items()}
-
     def state_dict(self, rebuilt_rows: int = 0) -> Dict[str, Any]:
         """The rows for a snapshot. The first `rebuilt_rows` (the offline data, which the resumed run loads
         again) are left out unless the ring has wrapped over them."""
@@ -956,205 +1233,6 @@ def transition_columns(data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return {"states": data["observations"], "actions": data["actions"], "rewards": data["rewards"][:, None],
             "next_states": data["next_observations"], "dones": data["terminals"][:, None]}
 # ==== END SHARED: replay buffer ====
-
-
-# ==== BEGIN SHARED: IQL networks ====
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
-EXP_ADV_MAX = 100.0
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
-
-
-def mlp(dims: List[int], output_activation: Optional[Callable[[], nn.Module]] = None,
-        dropout: float = 0.0) -> nn.Sequential:
-    layers: List[nn.Module] = []
-    for i in range(len(dims) - 2):
-        layers += [nn.Linear(dims[i], dims[i + 1]), nn.ReLU()]
-        if dropout > 0.0:
-            layers.append(nn.Dropout(dropout))
-    layers.append(nn.Linear(dims[-2], dims[-1]))
-    if output_activation is not None:
-        layers.append(output_activation())
-    return nn.Sequential(*layers)
-
-
-class GaussianPolicy(nn.Module):
-    """tanh-bounded mean, state-independent log std (CORL's IQL actor)."""
-
-    def __init__(self, state_dim: int, action_dim: int, max_action: float, hidden_dim: int, n_hidden: int,
-                 dropout: float):
-        super().__init__()
-        self.net = mlp([state_dim, *[hidden_dim] * n_hidden, action_dim], nn.Tanh, dropout)
-        self.log_std = nn.Parameter(torch.zeros(action_dim))
-        self.max_action = max_action
-
-    def forward(self, states: torch.Tensor) -> Normal:
-        std = torch.exp(self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX))
-        return Normal(self.net(states), std)
-
-    def log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        return self(states).log_prob(actions).sum(-1)
-
-
-class DeterministicPolicy(nn.Module):
-    def __init__(self, state_dim: int, action_dim: int, max_action: float, hidden_dim: int, n_hidden: int,
-                 dropout: float):
-        super().__init__()
-        self.net = mlp([state_dim, *[hidden_dim] * n_hidden, action_dim], nn.Tanh, dropout)
-        self.max_action = max_action
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return self.net(states)
-
-
-class TwinQ(nn.Module):
-    def __init__(self, state_dim: int, action_dim: int, hidden_dim: int, n_hidden: int):
-        super().__init__()
-        dims = [state_dim + action_dim, *[hidden_dim] * n_hidden, 1]
-        self.q1, self.q2 = mlp(dims), mlp(dims)
-
-    def both(self, states: torch.Tensor, actions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        state_actions = torch.cat([states, actions], -1)
-        return self.q1(state_actions).squeeze(-1), self.q2(state_actions).squeeze(-1)
-
-    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        return torch.min(*self.both(states, actions))
-
-
-class ValueFunction(nn.Module):
-    def __init__(self, state_dim: int, hidden_dim: int, n_hidden: int):
-        super().__init__()
-        self.v = mlp([state_dim, *[hidden_dim] * n_hidden, 1])
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return self.v(states).squeeze(-1)
-
-
-def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
-    with torch.no_grad():
-        for target_param, source_param in zip(target.parameters(), source.parameters(), strict=True):
-            target_param.lerp_(source_param, tau)
-
-
-def asymmetric_l2_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
-    return torch.mean(torch.abs(tau - (u < 0).float()) * u**2)
-# ==== END SHARED: IQL networks ====
-
-
-# ==== BEGIN SHARED: IQL agent ====
-# ---------------------------------------------------------------------------------------------
-# Agent
-# ---------------------------------------------------------------------------------------------
-class ImplicitQLearning:
-    def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
-                 device: torch.device):
-        self.config, self.device, self.max_action = config, device, max_action
-        policy_class = DeterministicPolicy if config.iql_deterministic else GaussianPolicy
-        self.actor = policy_class(state_dim, action_dim, max_action, config.hidden_dim, config.n_hidden,
-                                  config.actor_dropout).to(device)
-        self.qf = TwinQ(state_dim, action_dim, config.hidden_dim, config.n_hidden).to(device)
-        self.q_target = copy.deepcopy(self.qf).requires_grad_(False)
-        self.vf = ValueFunction(state_dim, config.hidden_dim, config.n_hidden).to(device)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
-        self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=config.qf_lr)
-        self.v_optimizer = torch.optim.Adam(self.vf.parameters(), lr=config.vf_lr)
-        # As CORL: T_max = offline_iterations, and the schedule keeps stepping online.
-        self.actor_lr_schedule = CosineAnnealingLR(self.actor_optimizer, max(config.offline_iterations, 1))
-        self.total_it = 0
-
-    def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """One IQL step: V by expectile regression, Q by TD to V, actor by advantage-weighted BC."""
-        self.total_it += 1
-        states, actions = batch["states"], batch["actions"]
-        rewards, dones = batch["rewards"].squeeze(-1), batch["dones"].squeeze(-1)
-        with torch.no_grad():
-            target_q = self.q_target(states, actions)
-            next_v = self.vf(batch["next_states"])
-
-        value = self.vf(states)
-        advantage = target_q - value
-        value_loss = asymmetric_l2_loss(advantage, self.config.iql_tau)
-        self.v_optimizer.zero_grad(set_to_none=True)
-        value_loss.backward()
-        self.v_optimizer.step()
-
-        targets = rewards + (1.0 - dones) * self.config.discount * next_v
-        q1, q2 = self.qf.both(states, actions)
-        q_loss = (F.mse_loss(q1, targets) + F.mse_loss(q2, targets)) / 2
-        self.q_optimizer.zero_grad(set_to_none=True)
-        q_loss.backward()
-        self.q_optimizer.step()
-        soft_update(self.q_target, self.qf, self.config.tau)
-
-        exp_advantage = torch.exp(self.config.beta * advantage.detach()).clamp(max=EXP_ADV_MAX)
-        unit_actions = actions / self.max_action  # the actor's outputs live in [-1, 1]
-        if isinstance(self.actor, GaussianPolicy):
-            bc_losses = -self.actor.log_prob(states, unit_actions)
-        else:
-            bc_losses = ((self.actor(states) - unit_actions) ** 2).sum(-1)
-        actor_loss = torch.mean(exp_advantage * bc_losses)
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_optimizer.step()
-        self.actor_lr_schedule.step()
-        return {"value_loss": value_loss.detach(), "q_loss": q_loss.detach(), "actor_loss": actor_loss.detach(),
-                "mean_value": value.detach().mean(), "mean_advantage": advantage.detach().mean()}
-
-    @torch.no_grad()
-    def act(self, state: np.ndarray, explore: bool) -> np.ndarray:
-        """Evaluation: the mean action, dropout off. Exploration: a Gaussian sample (or noise)."""
-        self.actor.train(explore)
-        states = torch.atleast_2d(torch.as_tensor(state, dtype=torch.float32, device=self.device))
-        if isinstance(self.actor, GaussianPolicy):
-            distribution = self.actor(states)
-            action = distribution.sample() if explore else distribution.mean
-        else:
-            action = self.actor(states)
-            if explore:
-                noise = (torch.randn_like(action) * self.config.expl_noise).clamp(-self.config.noise_clip,
-                                                                                   self.config.noise_clip)
-                action = action + noise
-        self.actor.train()
-        action = (action * self.max_action).clamp(-self.max_action, self.max_action)
-        action = action.cpu().numpy()
-        return action[0] if np.ndim(state) == 1 else action
-
-    @torch.no_grad()
-    def sample_actions(self, states: torch.Tensor) -> torch.Tensor:
-        """A batch of exploration actions of the current policy (EDIS's policy-energy positives)."""
-        self.actor.eval()
-        if isinstance(self.actor, GaussianPolicy):
-            actions = self.actor(states).sample()
-        else:
-            actions = self.actor(states)
-            actions = actions + (torch.randn_like(actions) * self.config.expl_noise).clamp(-self.config.noise_clip,
-                                                                                          self.config.noise_clip)
-        self.actor.train()
-        return (actions * self.max_action).clamp(-self.max_action, self.max_action)
-
-    @torch.no_grad()
-    def policy_log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> Optional[torch.Tensor]:
-        """log pi(a|s) per row; None for the deterministic actor, which has no density."""
-        if not isinstance(self.actor, GaussianPolicy):
-            return None
-        self.actor.eval()
-        log_prob = self.actor.log_prob(states, actions / self.max_action)
-        self.actor.train()
-        return log_prob
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "q_target": self.q_target.state_dict(),
-                "vf": self.vf.state_dict(), "actor_optimizer": self.actor_optimizer.state_dict(),
-                "q_optimizer": self.q_optimizer.state_dict(), "v_optimizer": self.v_optimizer.state_dict(),
-                "actor_lr_schedule": self.actor_lr_schedule.state_dict(), "total_it": self.total_it}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for name in ("actor", "qf", "q_target", "vf", "actor_optimizer", "q_optimizer", "v_optimizer",
-                     "actor_lr_schedule"):
-            getattr(self, name).load_state_dict(state[name])
-        self.total_it = state["total_it"]
-# ==== END SHARED: IQL agent ====
 
 
 # ==== BEGIN SHARED: evaluation ====
@@ -1465,129 +1543,6 @@ def load_checkpoint(path: str, device: torch.device) -> Dict[str, Any]:
         raise UserError(f"checkpoint {path} was written by {payload.get('algorithm')!r}, not {ALGORITHM!r}")
     return payload
 # ==== END SHARED: logging and checkpoints ====
-
-
-# ---------------------------------------------------------------------------------------------
-# Training: offline pretraining, then online fine-tuning
-# ---------------------------------------------------------------------------------------------
-def train(config: TrainConfig) -> Dict[str, Any]:
-    device = resolve_device(config.device)
-    set_seed(config.seed)
-    data, info = load_dataset(config.dataset, config.env)
-    env = make_env(info, seed=config.seed)
-    check_dataset_matches_env(data, env, info)
-    max_steps = max_episode_steps_of(env)
-    reward_scale, reward_bias = reward_transform(data, info, config.normalize_reward, config.reward_scale,
-                                                 config.reward_bias, max_steps)
-    state_mean, state_std = state_statistics(data["observations"], config.normalize)
-    env = NormalizeState(env, state_mean, state_std)
-    eval_envs = make_eval_envs(info, state_mean, state_std, min(config.eval_envs, config.n_episodes),
-                               config.eval_seed)
-    state_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    max_action = float(env.action_space.high[0])
-
-    # One buffer: the offline dataset first, online transitions appended (CORL's IQL fine-tuning).
-    offline = transition_columns(data)
-    offline["states"] = (offline["states"] - state_mean) / state_std
-    offline["next_states"] = (offline["next_states"] - state_mean) / state_std
-    offline["rewards"] = offline["rewards"] * reward_scale + reward_bias
-    capacity = min(config.buffer_size, len(data["observations"]) + config.online_iterations)
-    replay_buffer = ReplayBuffer(capacity, {"states": state_dim, "actions": action_dim, "rewards": 1,
-                                            "next_states": state_dim, "dones": 1}, device)
-    replay_buffer.add_batch(**{name: values[-capacity:] for name, values in offline.items()})
-
-    agent = ImplicitQLearning(config, state_dim, action_dim, max_action, device)
-    start = 0
-    if config.load_model:
-        checkpoint = load_checkpoint(config.load_model, device)
-        agent.load_state_dict(checkpoint["agent"])
-        start = config.offline_iterations  # a loaded agent skips offline pretraining
-    first_step, seconds = start, {"offline": 0.0, "online": 0.0}
-    snapshot = Snapshots.load(Path(config.resume), device) if config.resume else None
-    config.name = config.name or default_run_name(config)
-    logger = RunLogger(config, info, resumed=snapshot["logger"] if snapshot else None)
-    collector = OnlineCollector(env, info, config.seed, reward_scale, reward_bias)
-    offline_rows = min(len(offline["states"]), capacity)
-    if snapshot is not None:
-        agent.load_state_dict(snapshot["agent"])
-        replay_buffer.load_state_dict(snapshot["replay_buffer"])
-        collector.load_state_dict(snapshot["collector"])
-        first_step, seconds = snapshot["step"], snapshot["seconds"]
-        restore_rng_states(snapshot["rng"])
-        print(f"resumed {logger.run_dir} at step {first_step}")
-    snapshots, guard = Snapshots(logger.run_dir, config.snapshot_every), FiniteGuard()
-    checkpoint_dir = Path(config.checkpoints_path) / config.name if config.checkpoints_path else None
-    total = config.offline_iterations + config.online_iterations
-    score_key = "eval/normalized_score" if info.has_reference else "eval/return"
-    print(f"IQL on {info.source} ({info.env_id}), {len(data['observations'])} transitions, device {device}, "
-          f"logs in {logger.run_dir}")
-
-    progress = tqdm(range(first_step, total), initial=first_step, total=total, desc="IQL", mininterval=1.0)
-    clock = time.perf_counter()
-    postfix = {"phase": "offline" if first_step < config.offline_iterations else "online"}
-    try:
-        for t in progress:
-            phase = "offline" if t < config.offline_iterations else "online"
-            if t == config.offline_iterations:
-                postfix["phase"] = "online"
-                progress.set_postfix(postfix)
-            episode_log = None
-            if phase == "online":
-                action = agent.act(collector.state, explore=True)
-                transition, episode_log = collector.step(action)
-                replay_buffer.add(**transition)
-            losses = agent.update(replay_buffer.sample(config.batch_size))
-            step = t + 1
-            guard.watch(losses, step)
-            if step % config.log_freq == 0:
-                guard.check()
-                logger.log({f"train/{name}": value.item() for name, value in losses.items()}, step, phase)
-            if episode_log is not None:
-                logger.log({**episode_log, "env_steps": collector.env_steps}, step, phase)
-            if evaluation_due(step, config):
-                metrics = evaluate(eval_envs, lambda s: agent.act(s, explore=False), info, config.n_episodes,
-                                   config.eval_seed)
-                logger.log(metrics, step, phase)
-                postfix[score_key.split("/")[1]] = f"{metrics[score_key]:.1f}"
-                progress.set_postfix(postfix)
-                if checkpoint_dir is not None:
-                    save_checkpoint(checkpoint_dir / f"checkpoint_{step}.pt",
-                                    {"algorithm": ALGORITHM, "agent": agent.state_dict(), "step": step,
-                                     "phase": phase, "state_mean": state_mean, "state_std": state_std,
-                                     "config": asdict(config)})
-            now = time.perf_counter()
-            seconds[phase], clock = seconds[phase] + now - clock, now
-            if snapshots.due(step, phase == "online" and collector.episode_length > 0, max_steps):
-                guard.check()  # never snapshot a run that has gone bad
-                snapshots.save({"algorithm": ALGORITHM, "config": asdict(config), "step": step, "seconds": seconds,
-                                "agent": agent.state_dict(), "replay_buffer": replay_buffer.state_dict(offline_rows),
-                                "collector": collector.state_dict(), "logger": logger.state_dict(),
-                                "rng": rng_states()})
-        guard.check()
-    except UserError as error:
-        if snapshots.path.is_file():
-            raise UserError(f"{error} (the last snapshot is kept: python {sys.argv[0]} --resume {logger.run_dir})"
-                            ) from None
-        raise
-    finally:
-        progress.close()
-        env.close()
-        eval_envs.close()
-    offline_seconds, online_seconds = seconds["offline"], seconds["online"]
-    summary = {
-        "algorithm": ALGORITHM, "dataset": info.source, "env": info.env_id, "seed": config.seed,
-        "score_metric": score_key,
-        "offline": {**phase_summary(logger.history, "offline"), "iterations": max(config.offline_iterations - start, 0),
-                    "wall_clock_s": round(offline_seconds, 2)},
-        "online": {**phase_summary(logger.history, "online"), "env_steps": collector.env_steps,
-                   "wall_clock_s": round(online_seconds, 2)},
-        "env_steps": collector.env_steps,
-        "versions": package_versions(),
-    }
-    logger.write_summary(summary)
-    logger.close()
-    snapshots.remove()  # the run is complete: its summary and checkpoints are what remains
-    return summary
 
 
 # ==== BEGIN SHARED: entry point ====

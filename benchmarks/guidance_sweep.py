@@ -114,7 +114,7 @@ class Setup:
         energies = self.edis.energies
         energies.scales = dict(scales)
         guided = any(value > 0 for value in scales.values())
-        online_states = self.online.recent(len(self.online))["states"]
+        online_states = self.module.recent_rows(self.online, len(self.online))["states"]
         mmd, loglik, state_error, reward_error = [], [], [], []
         for _ in range(repeats):
             with torch.no_grad():  # the guidance takes its own gradients inside
@@ -123,7 +123,7 @@ class Setup:
             reference = online_states[torch.randperm(len(online_states))[:rows]]
             mmd.append(self.module.rbf_mmd(batch["states"], reference))
             actions = batch["actions"].clamp(-self.max_action, self.max_action)
-            loglik.append(self.agent.policy_log_prob(batch["states"], actions).detach().numpy())
+            loglik.append(self.module.policy_log_prob(self.agent, batch["states"], actions).detach().numpy())
             raw = {name: batch[name].numpy() for name in ("states", "actions", "next_states", "rewards")}
             next_error, r_error = simulator_errors(
                 self.simulator, raw["states"] * self.state_std + self.state_mean, raw["actions"],

@@ -54,13 +54,6 @@ def run_name(algorithm: str, key: str, seed: int) -> str:
     return f"{algorithm}--{key.replace('/', '__')}--seed{seed}"
 
 
-def parse_run_name(name: str) -> Optional[tuple]:
-    parts = name.split("--")
-    if len(parts) != 3 or not parts[2].startswith("seed"):
-        return None
-    return parts[0], parts[1].replace("__", "/"), int(parts[2][4:])
-
-
 def commands(args: argparse.Namespace) -> List[tuple]:
     jobs = []
     for config in args.configs:
@@ -220,65 +213,115 @@ def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: in
     return 1 if failures else 0
 
 
-def score(phase: Dict) -> Optional[float]:
+# ---------------------------------------------------------------------------------------------
+# Report and curves: what the runs wrote, identified by their summary.json
+# ---------------------------------------------------------------------------------------------
+def published(algorithm: str, dataset: str) -> Dict[str, Optional[float]]:
+    """The published numbers for a run, the one place they are looked up: CORL's base algorithm offline and
+    online, the EDIS paper's after fine-tuning (EDIS algorithms only). Keys are D4RL dataset names."""
+    name = dataset.removeprefix("d4rl:") if dataset.startswith("d4rl:") else None
+    corl = REFERENCE["corl"].get(algorithm.removesuffix("_edis"), {}).get(name) if name else None
+    edis = REFERENCE["edis"].get(name) if name and algorithm.endswith("_edis") else None
+    return {"corl_offline": corl[0] if corl else None, "corl_online": corl[1] if corl else None, "edis": edis}
+
+
+def read_runs(log_dir: Path) -> tuple:
+    """Finished runs keyed by their summary's (algorithm, dataset, seed), and (folder, reason) for the others.
+
+    Each run holds its summary and its evaluations [(step, phase, score)] of its summary's score metric.
+    """
+    runs: Dict[tuple, Dict] = {}
+    skipped: List[tuple] = []
+    for folder in sorted(path for path in log_dir.iterdir() if path.is_dir()):
+        try:
+            summary = json.loads((folder / "summary.json").read_text())
+            identity = (summary["algorithm"], summary["dataset"], int(summary["seed"]))
+        except FileNotFoundError:
+            skipped.append((folder.name, "no summary.json (unfinished, failed, or not a run)"))
+            continue
+        except (ValueError, KeyError, TypeError) as error:
+            skipped.append((folder.name, f"summary.json unreadable or without algorithm/dataset/seed ({error!r})"))
+            continue
+        if identity in runs:
+            skipped.append((folder.name, f"same algorithm, dataset and seed as {runs[identity]['folder']}"))
+            continue
+        metric = summary.get("score_metric", "eval/normalized_score")
+        evaluations = []
+        if (folder / "metrics.jsonl").is_file():
+            for line in (folder / "metrics.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                if metric in record:
+                    evaluations.append((record["step"], record.get("phase", "online"), record[metric]))
+        runs[identity] = {"folder": folder.name, "summary": summary, "evaluations": evaluations,
+                          "raw_returns": metric == "eval/return"}
+    return runs, skipped
+
+
+def final_score(phase: Dict) -> Optional[float]:
     value = phase.get("final_normalized_score")
     return phase.get("final_return") if value is None else value
 
 
+def best_score(phase: Dict) -> Optional[float]:
+    value = phase.get("best_normalized_score")
+    return phase.get("best_return") if value is None else value
+
+
 def mean_std(values: List[float]) -> str:
+    values = [value for value in values if value is not None]
     if not values:
         return "-"
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
 
-def reference_columns(algorithm: str, key: str) -> tuple:
-    base = algorithm.replace("_edis", "")
-    corl = REFERENCE["corl"].get(base, {}).get(key)
-    edis = REFERENCE["edis"].get(key) if algorithm.endswith("_edis") else None
-    return (f"{corl[0]:.1f} → {corl[1]:.1f}" if corl else "-"), (f"{edis:.1f}" if edis is not None else "-")
+def number(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def report(args: argparse.Namespace) -> None:
-    results: Dict[tuple, Dict[str, List[float]]] = defaultdict(lambda: {"offline": [], "online": []})
-    seeds_started: Dict[str, set] = defaultdict(set)  # per config: every seed any run of it was started with
-    seeds_finished: Dict[tuple, set] = defaultdict(set)
-    for run_dir in sorted(path for path in Path(args.log_dir).iterdir() if path.is_dir()):
-        parsed = parse_run_name(run_dir.name)
-        if parsed is None:
-            continue
-        algorithm, key, seed = parsed
-        seeds_started[key].add(seed)
-        if not (run_dir / "summary.json").is_file():
-            continue
-        seeds_finished[(key, algorithm)].add(seed)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        for phase in ("offline", "online"):
-            value = score(summary[phase])
-            if value is not None:
-                results[(key, algorithm)][phase].append(value)
-    if not results:
-        sys.exit(f"error: no finished runs (summary.json) under {args.log_dir}")
-    header = ("| config | algorithm | seeds | measured offline | measured online | CORL offline → online "
-              "| EDIS paper |\n|---|---|---|---|---|---|---|")
-    rows = []
-    for (key, algorithm), phases in sorted(results.items()):
-        corl, edis = reference_columns(algorithm, key)
-        missing = sorted(seeds_started[key] - seeds_finished[(key, algorithm)])
-        seeds = str(len(seeds_finished[(key, algorithm)])) + (
-            f" (missing: {', '.join(map(str, missing))})" if missing else "")
-        rows.append(f"| {key} | {algorithm} | {seeds} | "
-                    f"{mean_std(phases['offline'])} | {mean_std(phases['online'])} | {corl} | {edis} |")
+    log_dir = Path(args.log_dir)
+    runs, skipped = read_runs(log_dir)
+    for folder, reason in skipped:
+        print(f"skipped {folder}: {reason}")
+    if not runs:
+        sys.exit(f"error: no finished runs (summary.json) under {log_dir}")
+    groups: Dict[tuple, List[Dict]] = defaultdict(list)
+    seeds_of_dataset: Dict[str, set] = defaultdict(set)  # every seed any algorithm finished on that dataset
+    for (algorithm, dataset, seed), run in sorted(runs.items()):
+        groups[(dataset, algorithm)].append(dict(run, seed=seed))
+        seeds_of_dataset[dataset].add(seed)
+    k = args.last
+    header = (f"| dataset | algorithm | seeds | offline final | online final | online best | online mean of last {k} "
+              "| CORL offline → online | EDIS paper |\n|---|---|---|---|---|---|---|---|---|")
+    rows, results = [], {}
+    for (dataset, algorithm), group in sorted(groups.items()):
+        offline = [final_score(run["summary"]["offline"]) for run in group]
+        online = [final_score(run["summary"]["online"]) for run in group]
+        best = [best_score(run["summary"]["online"]) for run in group]
+        last = [float(np.mean(scores[-k:])) if scores else None
+                for scores in ([s for _, phase, s in run["evaluations"] if phase == "online"] for run in group)]
+        missing = sorted(seeds_of_dataset[dataset] - {run["seed"] for run in group})
+        seeds = f"{len(group)}" + (f" (missing: {', '.join(map(str, missing))})" if missing else "")
+        reference = published(algorithm, dataset)
+        corl = (f"{reference['corl_offline']:.1f} → {reference['corl_online']:.1f}"
+                if reference["corl_online"] is not None else "-")
+        label = dataset + (" (raw return)" if any(run["raw_returns"] for run in group) else "")
+        rows.append(f"| {label} | {algorithm} | {seeds} | {mean_std(offline)} | {mean_std(online)} | "
+                    f"{mean_std(best)} | {mean_std(last)} | {corl} | {number(reference['edis'])} |")
+        results[(dataset, algorithm)] = {"offline": [v for v in offline if v is not None],
+                                         "online": [v for v in online if v is not None], **reference}
     table = "\n".join([header, *rows])
-    note = ("Scores: final D4RL-normalised score x 100 of each phase (raw return where the data has no "
-            "reference returns), mean ± std over seeds. 'missing' lists seeds that some run of that config was "
-            "started with but this algorithm has not finished.")
+    note = (f"Scores: D4RL-normalised score x 100 (rows marked (raw return): the data has no reference returns), "
+            f"mean ± std over seeds. Final: the last evaluation of each phase; best: the best online evaluation; "
+            f"last {k}: the mean of the last {k} online evaluations. 'missing' lists seeds that another algorithm "
+            f"finished on that dataset but this one has not. Runs are identified by their summary.json.")
     print(table + "\n\n" + note)
-    (Path(args.log_dir) / "report.md").write_text(table + "\n\n" + note + "\n")
-    plot(results, Path(args.log_dir) / "report.png")
-    print(f"\nwrote {Path(args.log_dir) / 'report.md'} and report.png")
+    (log_dir / "report.md").write_text(table + "\n\n" + note + "\n")
+    plot(results, log_dir / "report.png")
+    print(f"\nwrote {log_dir / 'report.md'} and report.png")
 
 
-def plot(results: Dict[tuple, Dict[str, List[float]]], path: Path) -> None:
+def plot(results: Dict[tuple, Dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,66 +331,73 @@ def plot(results: Dict[tuple, Dict[str, List[float]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 4))
     x = np.arange(len(keys))
     for offset, phase in ((-0.2, "offline"), (0.2, "online")):
-        means = [np.mean(results[k][phase]) if results[k][phase] else np.nan for k in keys]
-        stds = [np.std(results[k][phase]) if results[k][phase] else 0.0 for k in keys]
+        means = [np.mean(results[key][phase]) if results[key][phase] else np.nan for key in keys]
+        stds = [np.std(results[key][phase]) if results[key][phase] else 0.0 for key in keys]
         ax.bar(x + offset, means, 0.4, yerr=stds, label=f"measured {phase}", capsize=3)
-    for i, (key, algorithm) in enumerate(keys):
-        corl = REFERENCE["corl"].get(algorithm.replace("_edis", ""), {}).get(key)
-        edis = REFERENCE["edis"].get(key) if algorithm.endswith("_edis") else None
-        for value, marker, label in ((corl[1] if corl else None, "k_", "CORL online"), (edis, "r*", "EDIS paper")):
-            if value is not None:
-                ax.plot(i + 0.2, value, marker, markersize=14, label=label)
+    for i, key in enumerate(keys):
+        for name, marker, label in (("corl_online", "k_", "CORL online"), ("edis", "r*", "EDIS paper")):
+            if results[key][name] is not None:
+                ax.plot(i + 0.2, results[key][name], marker, markersize=14, label=label)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8)
-    ax.set_xticks(x, [f"{key}\n{algorithm}" for key, algorithm in keys], fontsize=7, rotation=30, ha="right")
+    ax.set_xticks(x, [f"{dataset}\n{algorithm}" for dataset, algorithm in keys], fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("final score")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def mean_curves(runs: Dict[tuple, Dict]) -> Dict[str, Dict[str, Dict]]:
+    """Per dataset and algorithm: every step any seed evaluated at, the mean and std over the seeds that have
+    that step, the number of seeds, and the last offline step (where fine-tuning starts)."""
+    grouped: Dict[str, Dict[str, List]] = defaultdict(lambda: defaultdict(list))
+    for (algorithm, dataset, _), run in sorted(runs.items()):
+        if run["evaluations"]:
+            grouped[dataset][algorithm].append(run["evaluations"])
+    result: Dict[str, Dict[str, Dict]] = defaultdict(dict)
+    for dataset, algorithms in grouped.items():
+        for algorithm, seeds in algorithms.items():
+            by_step: Dict[int, List[float]] = defaultdict(list)
+            for evaluations in seeds:
+                for step, _, value in evaluations:
+                    by_step[step].append(value)
+            offline_steps = [step for evaluations in seeds for step, phase, _ in evaluations if phase == "offline"]
+            steps = sorted(by_step)
+            result[dataset][algorithm] = {"steps": steps, "mean": [float(np.mean(by_step[s])) for s in steps],
+                                          "std": [float(np.std(by_step[s])) for s in steps], "seeds": len(seeds),
+                                          "boundary": max(offline_steps) if offline_steps else None}
+    return result
+
+
 def curves(args: argparse.Namespace) -> None:
-    """curves.png: mean evaluation score against step, one panel per config, one line per algorithm."""
+    """curves.png: evaluation score against step, one panel per dataset, one line (± std band) per algorithm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs: Dict[str, Dict[str, List[Dict[int, float]]]] = defaultdict(lambda: defaultdict(list))
-    boundary: Dict[str, int] = {}
-    for metrics_path in sorted(Path(args.log_dir).glob("*/metrics.jsonl")):
-        parsed = parse_run_name(metrics_path.parent.name)
-        if parsed is None:
-            continue
-        algorithm, key, _ = parsed
-        scores = {}
-        for line in metrics_path.read_text().splitlines():
-            record = json.loads(line)
-            value = record.get("eval/normalized_score", record.get("eval/return"))
-            if value is not None:
-                scores[record["step"]] = value
-                if record["phase"] == "offline":
-                    boundary[key] = max(boundary.get(key, 0), record["step"])
-        if scores:
-            runs[key][algorithm].append(scores)
-    if not runs:
-        sys.exit(f"error: no evaluations (metrics.jsonl) under {args.log_dir}")
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.5), squeeze=False)
-    for ax, (key, algorithms) in zip(axes[0], sorted(runs.items()), strict=True):
-        for algorithm, seeds in sorted(algorithms.items()):
-            steps = sorted(set.intersection(*(set(scores) for scores in seeds)))
-            values = np.array([[scores[step] for step in steps] for scores in seeds])
-            mean, std = values.mean(0), values.std(0)
-            ax.plot(steps, mean, label=f"{algorithm} ({len(seeds)} seeds)")
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-        if key in boundary:
-            ax.axvline(boundary[key], color="gray", linestyle="--", linewidth=1)
-        ax.set_title(key, fontsize=9)
+    log_dir = Path(args.log_dir)
+    runs, skipped = read_runs(log_dir)
+    for folder, reason in skipped:
+        print(f"skipped {folder}: {reason}")
+    panels = mean_curves(runs)
+    if not panels:
+        sys.exit(f"error: no evaluations in finished runs under {log_dir}")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, (dataset, algorithms) in zip(axes[0], sorted(panels.items()), strict=True):
+        for algorithm, curve in sorted(algorithms.items()):
+            mean, std = np.array(curve["mean"]), np.array(curve["std"])
+            ax.plot(curve["steps"], mean, label=f"{algorithm} ({curve['seeds']} seeds)")
+            ax.fill_between(curve["steps"], mean - std, mean + std, alpha=0.2)
+        boundaries = [curve["boundary"] for curve in algorithms.values() if curve["boundary"] is not None]
+        if boundaries:
+            ax.axvline(max(boundaries), color="gray", linestyle="--", linewidth=1)
+        ax.set_title(dataset, fontsize=9)
         ax.set_xlabel("step (offline updates, then online steps)", fontsize=8)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("evaluation score")
     fig.tight_layout()
-    path = Path(args.log_dir) / "curves.png"
+    path = log_dir / "curves.png"
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
@@ -372,6 +422,7 @@ def main() -> int:
     run_parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run")
     report_parser = commands_parser.add_parser("report", help="table and plot of finished runs")
     report_parser.add_argument("--log-dir", default="runs/table")
+    report_parser.add_argument("--last", type=int, default=3, help="online evaluations averaged in 'mean of last k'")
     curves_parser = commands_parser.add_parser("curves", help="evaluation score over training, per config")
     curves_parser.add_argument("--log-dir", default="runs/table")
     args = parser.parse_args()

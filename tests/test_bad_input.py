@@ -13,11 +13,11 @@ TINY = ["--offline_iterations", "2", "--online_iterations", "2", "--eval_freq", 
 def run_main(module, capsys, *args: str) -> str:
     """main() in-process: returns its one error line after checking the exit code.
 
-    Progress bars of work done before the error (collecting data) may precede it on stderr.
+    Progress bars and notes of work done before the error (collecting data, training) may precede it.
     """
     code = module.main(list(args))
     err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if "%|" not in line]
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line and not line.startswith("note: ")]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     return lines[0]
@@ -31,6 +31,25 @@ def hopper_file(isolated_data: Path) -> Path:
 
 def run_dir_has_no_summary(log_dir: Path) -> bool:
     return not list(log_dir.rglob("summary.json"))
+
+
+@pytest.mark.parametrize("algorithm", ["iql", "calql"])
+def test_data_found_bad_during_training_leave_the_run_folder_without_a_summary(algorithm, request, capsys,
+                                                                               isolated_data):
+    """Rewards near the float32 limit pass the loader's checks; the first losses overflow."""
+    rng = np.random.default_rng(0)
+    rows = 400
+    path = write_d4rl_file(isolated_data / "huge.hdf5", rng.normal(size=(rows, 11)).astype(np.float32),
+                           rng.uniform(-1, 1, (rows, 3)).astype(np.float32), np.full(rows, 3e38, np.float32),
+                           np.zeros(rows, bool), np.arange(rows) % 50 == 49)
+    line = run_main(request.getfixturevalue(algorithm), capsys, "--dataset", f"hdf5:{path}", "--env", "Hopper-v5",
+                    "--offline_iterations", "40", "--online_iterations", "0", "--log_freq", "10",
+                    "--normalize_reward", "false", "--batch_size", "32", "--n_episodes", "1", "--wandb_mode",
+                    "disabled", "--log_dir", str(isolated_data / "runs"), "--name", "inf")
+    assert line.startswith("error: train/") and "became NaN or inf at update" in line
+    run_dir = isolated_data / "runs" / "inf"
+    assert (run_dir / "config.yaml").is_file()  # the run had started: its folder exists
+    assert run_dir_has_no_summary(isolated_data / "runs")
 
 
 @pytest.mark.parametrize("algorithm", ["iql", "calql"])
@@ -117,8 +136,12 @@ def test_missing_d4rl_file_says_where_to_put_it(iql, capsys, isolated_data, monk
     (["--online_iterations", "-10"], "online_iterations = -10 is outside [0, inf]"),
     (["--batch_size", "0"], "batch_size = 0 is outside [1, inf]"),
     (["--wandb_mode", "sometimes"], "wandb_mode = 'sometimes'"),
-    (["--seed", "three"], "seed = 'three' is not a valid int"),
-    (["--normalize", "perhaps"], "--normalize takes true or false"),
+    (["--seed", "three"], "seed = 'three' is not an integer"),
+    (["--seed", "1.7"], "seed = '1.7' is not an integer"),
+    (["--normalize", "perhaps"], "normalize = 'perhaps' is not true or false"),
+    (["--discount", "nan"], "discount = 'nan' is not a finite number"),
+    (["--seed"], "--seed needs a value"),
+    (["seed", "3"], "unexpected argument 'seed'"),
     (["--no_such_option", "1"], "unknown option --no_such_option"),
 ])
 def test_invalid_values(iql, capsys, args, message):

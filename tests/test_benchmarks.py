@@ -1,5 +1,6 @@
 """Benchmark scripts: the table report reads finished runs; the speed script prints its table."""
 
+import importlib.util
 import json
 import os
 import shlex
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 import pytest
 from conftest import ROOT, write_pendulum_dataset
@@ -29,26 +31,55 @@ def table_run(*args: str) -> tuple:
     return result, time.time() - started
 
 
-def test_table_report_puts_measured_beside_published(tmp_path):
-    for seed, (offline, online) in enumerate([(80.0, 100.0), (90.0, 110.0)]):
-        run_dir = tmp_path / f"iql--adroit__pen-cloned--seed{seed}"
-        run_dir.mkdir()
-        (run_dir / "summary.json").write_text(json.dumps({
-            "offline": {"final_normalized_score": offline}, "online": {"final_normalized_score": online}}))
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "table.py"), "report", "--log-dir",
-                             str(tmp_path)], capture_output=True, text=True, timeout=120)
+def write_run(folder: Path, algorithm: str, dataset: str, seed: int, online_scores: List[float],
+              offline: float = 50.0, metric: str = "eval/normalized_score") -> None:
+    """A finished run as the algorithm files leave it: summary.json and the evaluations in metrics.jsonl."""
+    folder.mkdir()
+    records = [{"step": 10, "phase": "offline", metric: offline}]
+    records += [{"step": 10 + 5 * (i + 1), "phase": "online", metric: s} for i, s in enumerate(online_scores)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    key = "normalized_score" if metric == "eval/normalized_score" else "return"
+    (folder / "summary.json").write_text(json.dumps({
+        "algorithm": algorithm, "dataset": dataset, "seed": seed, "score_metric": metric,
+        "offline": {f"final_{key}": offline}, "online": {f"final_{key}": online_scores[-1],
+                                                         f"best_{key}": max(online_scores)}}))
+
+
+def table_report(log_dir: Path) -> str:
+    result = subprocess.run([sys.executable, str(TABLE), "report", "--log-dir", str(log_dir), "--last", "2"],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "| adroit/pen-cloned | iql | 2 | 85.0 ± 5.0 | 105.0 ± 5.0 | 84.2 → 102.0 | - |" in result.stdout
+    return result.stdout
+
+
+def test_table_report_reads_runs_by_their_summary_and_puts_published_numbers_beside(tmp_path):
+    # Folder names say nothing: the summary identifies the run.
+    write_run(tmp_path / "a", "iql", "d4rl:pen-cloned-v1", 0, [60.0, 100.0, 80.0], offline=80.0)
+    write_run(tmp_path / "b", "iql", "d4rl:pen-cloned-v1", 1, [70.0, 90.0, 130.0], offline=90.0)
+    write_run(tmp_path / "c", "iql", "random:Hopper-v5:100", 0, [5.0, 7.0], metric="eval/return")
+    write_run(tmp_path / "d", "calql", "d4rl:pen-cloned-v1", 1, [1.0, 2.0])
+    (tmp_path / "e").mkdir()  # a run that never finished
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "summary.json").write_text("{}")
+    write_run(tmp_path / "g", "iql", "d4rl:pen-cloned-v1", 1, [0.0])  # the same run twice
+    out = table_report(tmp_path)
+    # final 80/130, best 100/130, mean of the last 2: 90/110; CORL's IQL on pen-cloned: 84.19 -> 102.02.
+    assert ("| d4rl:pen-cloned-v1 | iql | 2 | 85.0 ± 5.0 | 105.0 ± 25.0 | 115.0 ± 15.0 | 100.0 ± 10.0 "
+            "| 84.2 → 102.0 | - |") in out
+    assert "| d4rl:pen-cloned-v1 | calql | 1 (missing: 0) | 50.0 | 2.0 | 2.0 | 1.5 |" in out
+    assert "| random:Hopper-v5:100 (raw return) | iql | 1 |" in out
+    assert "skipped e: no summary.json" in out and "skipped f: summary.json unreadable" in out
+    assert "skipped g: same algorithm, dataset and seed as b" in out
     assert (tmp_path / "report.md").is_file() and (tmp_path / "report.png").stat().st_size > 0
-    # Cal-QL finished seed 0 only, and seed 2 of IQL was started but never finished: both are marked.
-    (tmp_path / "calql--adroit__pen-cloned--seed0").mkdir()
-    (tmp_path / "calql--adroit__pen-cloned--seed0" / "summary.json").write_text(json.dumps({
-        "offline": {"final_normalized_score": 1.0}, "online": {"final_normalized_score": 2.0}}))
-    (tmp_path / "iql--adroit__pen-cloned--seed2").mkdir()
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "table.py"), "report", "--log-dir",
-                             str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert "| adroit/pen-cloned | iql | 2 (missing: 2) |" in result.stdout
-    assert "| adroit/pen-cloned | calql | 1 (missing: 1, 2) |" in result.stdout
+
+
+def test_published_numbers_are_looked_up_by_dataset_in_one_place():
+    table = load_table()
+    assert table.published("iql_edis", "d4rl:hopper-medium-replay-v2")["edis"] == 103.5
+    assert table.published("iql", "d4rl:hopper-medium-replay-v2")["edis"] is None
+    assert table.published("calql_edis", "d4rl:antmaze-umaze-v2")["corl_online"] is not None
+    assert table.published("iql", "collected:Hopper-v5:medium") == {"corl_offline": None, "corl_online": None,
+                                                                     "edis": None}
 
 
 def test_table_prints_one_command_per_run():
@@ -101,15 +132,22 @@ def test_refresh_cost_model_counts_the_calls_of_each_setting():
     assert reference["guided sampling"] == 100_000 * 255 * 4
 
 
-def test_table_curves_plot_evaluations(tmp_path):
-    for seed in (0, 1):
-        run_dir = tmp_path / f"iql_edis--mujoco__hopper-medium--seed{seed}"
-        run_dir.mkdir()
-        records = [{"step": step, "phase": "offline" if step <= 20 else "online", "eval/normalized_score": step + seed}
-                   for step in (10, 20, 30, 40)]
-        (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "table.py"), "curves", "--log-dir",
-                             str(tmp_path)], capture_output=True, text=True, timeout=120)
+def load_table():
+    spec = importlib.util.spec_from_file_location("table", TABLE)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    return table
+
+
+def test_table_curves_use_every_step_any_seed_has(tmp_path):
+    write_run(tmp_path / "a", "iql_edis", "d4rl:hopper-medium-v2", 0, [1.0, 2.0, 3.0])
+    write_run(tmp_path / "b", "iql_edis", "d4rl:hopper-medium-v2", 1, [3.0], offline=40.0)  # fewer evaluations
+    runs, _ = load_table().read_runs(tmp_path)
+    curve = load_table().mean_curves(runs)["d4rl:hopper-medium-v2"]["iql_edis"]
+    assert curve["steps"] == [10, 15, 20, 25] and curve["seeds"] == 2 and curve["boundary"] == 10
+    assert curve["mean"] == [45.0, 2.0, 2.0, 3.0] and curve["std"] == [5.0, 1.0, 0.0, 0.0]  # 20, 25: seed 0 alone
+    result = subprocess.run([sys.executable, str(TABLE), "curves", "--log-dir", str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "curves.png").stat().st_size > 0
 

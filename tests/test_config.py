@@ -87,9 +87,45 @@ def test_command_line_overrides_file(iql, config_file):
 
 
 def test_string_values_stay_strings(iql):
-    # pyrallis reads values as YAML: unquoted, `off` would become False and `null` None.
+    # A value is decoded from the text written: read as YAML, `off` would become False and `null` None.
     config = iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS, ["--name", "off", "--env=null"])
     assert (config.name, config.env) == ("off", "null")
+
+
+@pytest.mark.parametrize("key, text, expected", [
+    ("normalize", "'false'", False), ("normalize", "off", False), ("normalize", "Yes", True),
+    ("name", "off", "off"), ("name", "'1.5'", "1.5"), ("env", "null", "null"),
+    ("seed", "1_000", 1000), ("offline_iterations", "1e6", 1_000_000), ("beta", "3e-4", 3e-4), ("beta", "2", 2.0),
+])
+def test_a_value_means_the_same_in_a_file_and_on_the_command_line(iql, tmp_path, key, text, expected):
+    path = tmp_path / "one.yaml"
+    path.write_text(f"{key}: {text}\n")
+    from_file = getattr(iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS, ["--config", str(path)]), key)
+    typed = text.strip("'")  # what the shell passes on for the same value
+    from_command_line = getattr(iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS, [f"--{key}", typed]), key)
+    assert from_file == from_command_line == expected and type(from_file) is type(expected)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("normalize: 'perhaps'", "normalize = 'perhaps' is not true or false ('normalize' in"),
+    ("seed: 1.7", "seed = '1.7' is not an integer ('seed' in"),
+    ("iql:\n  batch_size: many", "batch_size = 'many' is not an integer ('iql.batch_size' in"),
+    ("beta: .nan", "beta = '.nan' is not a finite number"),
+    ("name: [a, b]", "name = ['a', 'b'] is not a single value"),
+    ("normalize: true\nnormalize_rewrd: true", "unknown key 'normalize_rewrd' in"),
+])
+def test_bad_values_in_a_file_are_refused_like_on_the_command_line(iql, tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(iql.UserError, match=re.escape(message)):
+        iql.parse_config(iql.TrainConfig, iql.CONFIG_SECTIONS, ["--config", str(path)])
+
+
+def test_a_bad_file_value_ends_main_with_one_line(iql, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("dataset: random:Hopper-v5:100\nseed: 1.7\n")
+    assert iql.main(["--config", str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: seed = '1.7' is not an integer ('seed' in {path})"]
 
 
 def test_unknown_top_level_key_names_key_and_file(iql, tmp_path):

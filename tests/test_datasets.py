@@ -3,6 +3,7 @@
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import rollout_arrays, write_d4rl_file
 
 
@@ -194,14 +195,28 @@ def test_returns_to_go(calql):
     np.testing.assert_allclose(left_goal, [-5.0 + 0.5 * 2.5, 2.5, -5.0])
 
 
-def test_replay_buffer_wraps_and_samples_on_device(iql):
-    import torch
-
+def test_replay_buffer_wraps_in_order_and_samples_only_filled_rows(iql):
     buffer = iql.ReplayBuffer(4, {"x": 2}, torch.device("cpu"))
-    buffer.add_batch(x=np.arange(6, dtype=np.float32).reshape(3, 2))
-    buffer.add_batch(x=np.full((2, 2), 9, np.float32))
-    assert len(buffer) == 4
-    assert buffer.data["x"][0].tolist() == [9.0, 9.0]  # the oldest row was overwritten
-    batch = buffer.sample(16)
-    assert batch["x"].shape == (16, 2) and batch["x"].device.type == "cpu"
+    buffer.add_batch(x=np.arange(6, dtype=np.float32).reshape(3, 2))  # rows 0, 1, 2
+    assert len(buffer) == 3 and buffer.sample(200)["x"][:, 0].unique().tolist() == [0.0, 2.0, 4.0]
+    buffer.add_batch(x=np.array([[6, 7], [8, 9]], np.float32))  # rows 3 and 4: 4 overwrites the oldest, 0
+    assert len(buffer) == 4 and buffer.pointer == 1
+    assert buffer.data["x"][:, 0].tolist() == [8.0, 2.0, 4.0, 6.0]
+    assert set(buffer.sample(400)["x"][:, 0].tolist()) == {2.0, 4.0, 6.0, 8.0}
 
+
+def test_recent_rows_are_the_last_added_oldest_first_across_the_wrap(iql_edis):
+    buffer = iql_edis.ReplayBuffer(5, {"x": 1}, torch.device("cpu"))
+    buffer.add_batch(x=np.arange(3, dtype=np.float32)[:, None])
+    assert iql_edis.recent_rows(buffer, 10)["x"][:, 0].tolist() == [0.0, 1.0, 2.0]  # fewer rows than asked
+    buffer.add_batch(x=np.arange(3, 7, dtype=np.float32)[:, None])  # 3..6: 5 and 6 wrap over 0 and 1
+    assert iql_edis.recent_rows(buffer, 4)["x"][:, 0].tolist() == [3.0, 4.0, 5.0, 6.0]
+    assert iql_edis.recent_rows(buffer, 5)["x"][:, 0].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: on CPU the placement cannot differ")
+def test_replay_buffer_keeps_rows_and_batches_on_the_gpu(iql_edis):
+    buffer = iql_edis.ReplayBuffer(8, {"x": 3}, torch.device("cuda"))
+    buffer.add_batch(x=np.ones((5, 3), np.float32))  # numpy in, device tensors stored
+    assert buffer.data["x"].is_cuda and buffer.sample(4)["x"].is_cuda
+    assert iql_edis.recent_rows(buffer, 2)["x"].is_cuda

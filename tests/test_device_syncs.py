@@ -12,7 +12,6 @@ from typing import Iterator, List
 
 import pytest
 import torch
-from conftest import load_algorithm
 
 SYNC_METHODS = ("item", "__float__", "__int__", "__bool__", "cpu", "numpy", "tolist", "nonzero")
 
@@ -54,8 +53,8 @@ def batch_of(rows: int, state_dim: int = 5, action_dim: int = 2) -> dict:
 
 @pytest.mark.parametrize("name, agent_class", [("iql", "ImplicitQLearning"), ("calql", "CalQL"),
                                                ("iql_edis", "ImplicitQLearning"), ("calql_edis", "CalQL")])
-def test_agent_updates_never_sync(name, agent_class):
-    module = load_algorithm(name)
+def test_agent_updates_never_sync(name, agent_class, request):
+    module = request.getfixturevalue(name)
     config = module.TrainConfig()
     agent = getattr(module, agent_class)(config, 5, 2, 1.0, torch.device("cpu"))
     batch = batch_of(64)
@@ -66,8 +65,8 @@ def test_agent_updates_never_sync(name, agent_class):
 
 
 @pytest.mark.parametrize("name", ["iql_edis", "calql_edis"])
-def test_refresh_syncs_do_not_grow_with_steps_epochs_or_samples(name):
-    module = load_algorithm(name)
+def test_refresh_syncs_do_not_grow_with_steps_epochs_or_samples(name, request):
+    module = request.getfixturevalue(name)
     layout = module.TransitionLayout(3, 2, False)
 
     def syncs(steps: int, epochs: int, sample_steps: int) -> List[str]:

@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import load_algorithm, run_script
+from conftest import run_script
 
 
-@pytest.fixture(scope="module")
-def edis():
-    return load_algorithm("iql_edis")
+@pytest.fixture
+def edis(iql_edis):
+    """The IQL-EDIS module (conftest's session fixture) under a short name."""
+    return iql_edis
 
 
 def small_config(edis, **overrides):

@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
 import pytest
-from conftest import ROOT, run_script, write_d4rl_file
+from conftest import ROOT, run_script
 
 TINY = ["--dataset", "random:Hopper-v5:1000", "--offline_iterations", "60", "--online_iterations", "120",
         "--offline_eval_freq", "30", "--eval_freq", "40", "--n_episodes", "2", "--batch_size", "32", "--log_freq",
@@ -121,23 +120,6 @@ def test_resume_errors_are_one_line(tmp_path):
         result = run_script("iql", *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
-
-
-def test_rewards_that_drive_a_loss_to_inf_stop_the_run_with_one_line(tmp_path):
-    rng = np.random.default_rng(0)
-    rows = 400
-    path = write_d4rl_file(tmp_path / "huge.hdf5", rng.normal(size=(rows, 11)).astype(np.float32),
-                           rng.uniform(-1, 1, (rows, 3)).astype(np.float32), np.full(rows, 3e38, np.float32),
-                           np.zeros(rows, bool), np.arange(rows) % 50 == 49)
-    result = run_script("iql", "--dataset", f"hdf5:{path}", "--env", "Hopper-v5", "--offline_iterations", "40",
-                        "--online_iterations", "0", "--log_freq", "10", "--snapshot_every", "1000",
-                        "--normalize_reward", "false", "--n_episodes", "1", "--wandb_mode", "disabled",
-                        "--log_dir", str(tmp_path), "--name", "inf")
-    assert result.returncode == 2, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: train/") and "became NaN or inf at update" in last
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "inf" / "summary.json").exists()
 
 
 def test_an_env_that_raises_ends_the_run_with_one_line_and_keeps_its_snapshot(tmp_path):

@@ -50,3 +50,33 @@ def test_no_imports_of_project_files(path):
         else:
             continue
         assert not set(names) & project_modules, f"{path.name} imports {names}"
+
+
+def line_of(text: str, pattern: str) -> int:
+    match = re.search(pattern, text, re.M)
+    assert match, pattern
+    return text[:match.start()].count("\n") + 1
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_algorithm_first_machinery_last(path):
+    """A reader meets the method first: the agent's update early, train() before the machinery."""
+    text = path.read_text()
+    agent = "IQL agent" if path.stem.startswith("iql") else "Cal-QL agent"
+    update = line_of(text, r"^    def update\(self, batch")
+    agent_end = line_of(text, rf"^# ==== END SHARED: {agent} ====")
+    if path.stem.endswith("_edis"):
+        assert agent_end <= 1000, f"{path.name}: EDIS sections and agent end at line {agent_end}"
+        assert line_of(text, r"^# ==== END SHARED: EDIS refresh ====") < agent_end
+    else:
+        assert update <= 400, f"{path.name}: the agent update starts at line {update}"
+    assert update < line_of(text, r"^def train\(") < line_of(text, r"^# Machinery") < line_of(
+        text, r"^# ==== BEGIN SHARED: command line and config files ====")
+    assert line_of(text, r"^# ==== BEGIN SHARED: entry point ====") > line_of(text, r"^# ==== END SHARED: logging")
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if not p.stem.endswith("_edis")], ids=lambda p: p.name)
+def test_base_files_carry_nothing_only_edis_uses(path):
+    text = path.read_text()
+    for name in ("sample_actions", "sample_policy_actions", "policy_log_prob", "def recent", "recent_rows"):
+        assert name not in text, f"{path.name} holds {name}, which only EDIS uses"
