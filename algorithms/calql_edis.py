@@ -1180,10 +1180,10 @@ def decode_int(value: Any) -> int:
 
 
 def decode_float(value: Any) -> float:
-    with contextlib.suppress(ValueError):
-        if not isinstance(value, bool) and math.isfinite(float(str(value))):
-            return float(str(value))
-    raise ValueError("is not a finite number")
+    with contextlib.suppress(ValueError):  # inf and YAML's .inf are numbers (Cal-QL's clip bounds); NaN is not
+        if not isinstance(value, bool) and not math.isnan(float(str(value).lower().replace(".inf", "inf"))):
+            return float(str(value).lower().replace(".inf", "inf"))
+    raise ValueError("is not a number")
 
 
 def decode_str(value: Any) -> str:
@@ -2338,7 +2338,10 @@ def resumed_config(config_class: type, argv: List[str]) -> Optional[Any]:
     snapshot = Snapshots.load(run_dir, torch.device("cpu"))
     if snapshot.get("algorithm") != ALGORITHM:
         raise UserError(f"--resume: {run_dir} holds a {snapshot.get('algorithm')!r} run, not {ALGORITHM!r}")
-    config = pyrallis.decode(config_class, snapshot["config"])
+    try:
+        config = pyrallis.decode(config_class, snapshot["config"])
+    except Exception:  # a snapshot written by another version of this file
+        raise UserError(f"--resume: the config in {run_dir}'s snapshot does not fit this version of the file") from None
     config.log_dir, config.name, config.resume = str(run_dir.parent), run_dir.name, str(run_dir)
     if device is not None:
         config.device = device
