@@ -6,6 +6,7 @@ settings and under ours, beside the fidelity of both settings' samples.
     python benchmarks/speed.py fidelity --config configs/cpu/hopper-medium-replay.yaml \\
         --checkpoint runs/finetune/checkpoints/pretrain-iql--cpu__hopper-medium-replay--seed0/checkpoint_50000.pt
     python benchmarks/speed.py online --log-dir runs/finetune    # online phase of each EDIS variant against its base
+    python benchmarks/speed.py estimate --costs benchmarks/results/speed-costs-*.json   # a paper-scale run
     python benchmarks/speed.py report                # benchmarks/results/speed.md from the measurements
 
 `costs` times each piece on random data of the chosen sizes (Hopper-v5 and AdroitHandPen-v1
@@ -388,6 +389,66 @@ def online_command(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# estimate: a paper-scale run, from measured per-call costs and the run's counts
+# ---------------------------------------------------------------------------------------------
+# The paper-scale schedules (the public code's: github.com/liuxhym/EDIS): updates, online steps, refresh period,
+# and the reference's denoiser steps per refresh (from scratch).
+PAPER = {"iql_edis": {"offline_updates": 1_000_000, "online_steps": 200_000, "refresh_every": 10_000,
+                      "reference_fit_steps": 30_000},
+         "calql_edis": {"offline_updates": 300_000, "online_steps": 200_000, "refresh_every": 10_000,
+                        "reference_fit_steps": 10_000}}
+
+
+def paper_scale_estimate(sizes: Dict[str, Any], config: Any, precision: str = "fp32") -> Dict[str, Dict]:
+    """Hours of each piece of a paper-scale IQL-EDIS and Cal-QL-EDIS run, under the reference's refresh settings
+    and under ours: counts x measured per-call costs. Evaluation and env steps are left out (CPU work in both)."""
+    estimate: Dict[str, Dict] = {}
+    for name, schedule in PAPER.items():
+        rates = sizes["updates"][name]
+        refreshes = schedule["online_steps"] // schedule["refresh_every"]
+        model = refresh_model(sizes[precision]["per_call"], config)
+        fit_step = sizes[precision]["per_call"]["fit_step"]
+        reference = dict(model["reference"])
+        reference["diffusion training"] = schedule["reference_fit_steps"] * fit_step
+        pieces = {"offline updates": schedule["offline_updates"] / rates["offline"],
+                  "online updates": schedule["online_steps"] / rates["online"]}
+        estimate[name] = {"refreshes": refreshes, "settings": {}}
+        for setting, refresh in (("reference", reference), ("ours", model["ours"])):
+            hours = dict(pieces)
+            hours.update({f"refresh: {piece}": refreshes * seconds for piece, seconds in refresh.items()})
+            if setting == "ours":  # the fit on the offline data at online start
+                hours["refresh: diffusion training"] += config.initial_fit_steps * fit_step
+            estimate[name]["settings"][setting] = {piece: seconds / 3600 for piece, seconds in hours.items()}
+    return estimate
+
+
+def estimate_command(args: argparse.Namespace) -> int:
+    sizes: Dict[str, Any] = {}
+    machines = []
+    for path in args.costs:  # update rates and refresh costs may come from separate `costs --parts` runs
+        costs = json.loads(Path(path).read_text())
+        machines.append(f"{Path(path).name}: {costs['machine']}, device {costs['device']}")
+        for key, value in costs["sizes"].get(args.sizes, {}).items():
+            if value or key not in sizes:
+                sizes[key] = value
+    missing = [name for name in PAPER if name not in sizes.get("updates", {})] + (
+        [] if args.precision in sizes else [f"refresh costs ({args.precision})"])
+    if missing:
+        sys.exit(f"error: the costs files lack {', '.join(missing)} for {args.sizes} sizes")
+    estimate = paper_scale_estimate(sizes, load("iql_edis").EDISConfig(), args.precision)
+    result = {"command": " ".join(sys.argv), "machines": machines, "sizes": args.sizes, "precision": args.precision,
+              "paper": PAPER, "estimate": estimate}
+    path = Path(args.results) / f"speed-estimate-{args.name}.json"
+    path.write_text(json.dumps(result, indent=1))
+    for name, entry in estimate.items():
+        for setting, hours in entry["settings"].items():
+            print(f"{name} {setting}: {sum(hours.values()):.1f} h (" + ", ".join(
+                f"{piece} {value:.1f}" for piece, value in hours.items()) + ")")
+    print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------
 def relative(value: float, reference: float) -> str:
@@ -405,7 +466,9 @@ def report_command(args: argparse.Namespace) -> int:
         costs = json.loads(path.read_text())
         body += [f"## Costs ({path.name})", "",
                  f"`{costs['command']}` on {costs['machine']}, device {costs['device']}.", ""]
-        body += ["| sizes | file | offline updates/s | online updates/s |", "|---|---|---|---|"]
+        has_updates = any(entry["updates"] for entry in costs["sizes"].values())
+        if has_updates:
+            body += ["| sizes | file | offline updates/s | online updates/s |", "|---|---|---|---|"]
         for label, entry in costs["sizes"].items():
             for name, rates in entry["updates"].items():
                 body.append(f"| {label} | {name}.py | {rates['offline']:,.0f} | {rates['online']:,.0f} |")
@@ -415,10 +478,13 @@ def report_command(args: argparse.Namespace) -> int:
                     ratio_lines.append(f"- {name}.py / d3rlpy {entry['d3rlpy']['version']}, {label} sizes, offline "
                                        f"updates per second: **{entry['updates'][name]['offline'] / rate:.1f}x** "
                                        f"({path.name})")
-        body += ["", f"Refresh with a {costs['denoiser'][0]} x {costs['denoiser'][1]} denoiser, priced from "
-                 "per-call costs (seconds):", "",
-                 "| sizes | precision | setting | diffusion training | energy training | negative sampling | "
-                 "guided sampling | total |", "|---|---|---|---|---|---|---|---|"]
+        if has_updates:
+            body.append("")
+        if any("fp32" in entry for entry in costs["sizes"].values()):
+            body += [f"Refresh with a {costs['denoiser'][0]} x {costs['denoiser'][1]} denoiser, priced from "
+                     "per-call costs (seconds):", "",
+                     "| sizes | precision | setting | diffusion training | energy training | negative sampling | "
+                     "guided sampling | total |", "|---|---|---|---|---|---|---|---|"]
         for label, entry in costs["sizes"].items():
             for precision in ("fp32", "bf16") if "fp32" in entry else ():
                 model = entry[precision]["refresh_s"]
@@ -429,9 +495,11 @@ def report_command(args: argparse.Namespace) -> int:
                 ratio = sum(model["reference"].values()) / sum(model["ours"].values())
                 ratio_lines.append(f"- Refresh, {label} sizes, {precision}, {costs['device']}: reference settings / "
                                    f"ours = **{ratio:.1f}x** ({path.name})")
-        body += ["", "Per-call costs (seconds): " + "; ".join(
-            f"{label} {precision} " + ", ".join(f"{k} {v:.3g}" for k, v in entry[precision]["per_call"].items())
-            for label, entry in costs["sizes"].items() for precision in ("fp32", "bf16") if precision in entry), ""]
+        if any("fp32" in entry for entry in costs["sizes"].values()):
+            body += ["", "Per-call costs (seconds): " + "; ".join(
+                f"{label} {precision} " + ", ".join(f"{k} {v:.3g}" for k, v in entry[precision]["per_call"].items())
+                for label, entry in costs["sizes"].items() for precision in ("fp32", "bf16") if precision in entry),
+                ""]
         for label, entry in costs["sizes"].items():
             if "evaluation_s" in entry:
                 evaluation = entry["evaluation_s"]
@@ -486,6 +554,25 @@ def report_command(args: argparse.Namespace) -> int:
             body.append(f"| {pair} | {len(entries)} | {variant:,.0f} | {base:,.0f} | {variant / base:.2f} |")
             ratio_lines.append(f"- Online phase, {pair}: **{variant / base:.2f}x** its base ({len(entries)} seed(s))")
         body.append("")
+    for path in sorted(results.glob("speed-estimate-*.json")):
+        estimate = json.loads(path.read_text())
+        body += [f"## A paper-scale run, estimated ({path.name})", "",
+                 f"`{estimate['command']}`: counts of the public code's schedule x per-call costs measured on "
+                 f"{'; '.join(estimate['machines'])}. {estimate['sizes']} sizes, {estimate['precision']}. "
+                 "Evaluation episodes and env steps are not included. Hours:", ""]
+        for name, entry in estimate["estimate"].items():
+            schedule = estimate["paper"][name]
+            pieces = list(entry["settings"]["ours"])
+            body += [f"{name}: {schedule['offline_updates']:,} offline updates, {schedule['online_steps']:,} online "
+                     f"steps, {entry['refreshes']} refreshes.", "",
+                     "| setting | " + " | ".join(pieces) + " | total |", "|---" * (len(pieces) + 2) + "|"]
+            for setting, hours in entry["settings"].items():
+                body.append(f"| {setting} | " + " | ".join(f"{hours[piece]:,.1f}" for piece in pieces)
+                            + f" | {sum(hours.values()):,.1f} |")
+            totals = {setting: sum(hours.values()) for setting, hours in entry["settings"].items()}
+            ratio_lines.append(f"- Paper-scale {name} ({path.name}): {totals['ours']:,.1f} h with our refresh, "
+                               f"{totals['reference']:,.1f} h with the reference's")
+            body.append("")
     lines += ["## Ratios", "", *ratio_lines, "", *body]
     out = Path(args.out)
     out.write_text("\n".join(lines) + "\n")
@@ -527,6 +614,11 @@ def main() -> int:
     fidelity.add_argument("options", nargs=argparse.REMAINDER, help="after --: options for the config")
     online = commands.add_parser("online", help="online-phase wall-clock of EDIS variants against their base")
     online.add_argument("--log-dir", nargs="+", required=True, help="finetune.py log directories")
+    estimate = commands.add_parser("estimate", help="a paper-scale IQL-EDIS and Cal-QL-EDIS run, from measured costs")
+    estimate.add_argument("--costs", nargs="+", required=True, help="speed-costs-*.json files (updates and refresh)")
+    estimate.add_argument("--sizes", choices=list(SIZES), default="Hopper")
+    estimate.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    estimate.add_argument("--name", default="cpu", help="output: speed-estimate-<name>.json")
     report = commands.add_parser("report", help="write speed.md")
     report.add_argument("--out", default="", help="default: speed.md in --results")
     args = parser.parse_args()
@@ -535,7 +627,7 @@ def main() -> int:
         args.options = args.options[1:] if args.options[:1] == ["--"] else args.options
     Path(args.results).mkdir(parents=True, exist_ok=True)
     return {"costs": costs_command, "fidelity": fidelity_command, "online": online_command,
-            "report": report_command}[args.command](args)
+            "estimate": estimate_command, "report": report_command}[args.command](args)
 
 
 if __name__ == "__main__":

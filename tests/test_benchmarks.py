@@ -107,11 +107,28 @@ def test_speed_costs_and_report_give_every_file_the_refresh_split_and_ratios(tmp
                                                                  "negative sampling", "guided sampling"}
         assert all(value > 0 for setting in model.values() for value in setting.values())
     assert set(costs["evaluation_s"]) == {"1", "10", "3"}
+    result = subprocess.run([*speed, "estimate", "--costs", str(tmp_path / "speed-costs-test.json"), "--name", "test"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    estimate = json.loads((tmp_path / "speed-estimate-test.json").read_text())["estimate"]
+    # Counts x measured costs: 1M offline IQL-EDIS updates at the measured rate; 20 refreshes of each setting.
+    hours = estimate["iql_edis"]["settings"]["ours"]
+    assert hours["offline updates"] == pytest.approx(1_000_000 / costs["updates"]["iql_edis"]["offline"] / 3600)
+    per_refresh = costs["fp32"]["refresh_s"]["reference"]
+    assert estimate["iql_edis"]["settings"]["reference"]["refresh: guided sampling"] == pytest.approx(
+        20 * per_refresh["guided sampling"] / 3600)
+    fit_step = costs["fp32"]["per_call"]["fit_step"]
+    assert estimate["calql_edis"]["settings"]["reference"]["refresh: diffusion training"] == pytest.approx(
+        20 * 10_000 * fit_step / 3600)
+    assert hours["refresh: diffusion training"] == pytest.approx((20 * 10_000 + 30_000) * fit_step / 3600)
     result = subprocess.run([*speed, "report"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     report = (tmp_path / "speed.md").read_text()
     assert report.index("## Ratios") < report.index("## Costs")
     assert "reference settings / ours" in report and "one env at a time / vector env" in report
+    assert "## A paper-scale run, estimated (speed-estimate-test.json)" in report
+    header = next(line for line in report.splitlines() if line.startswith("| sizes | file |"))
+    assert len(header.split("|")) == len(set(header.split("|"))) + 1  # no column twice (the outer '' pair)
 
 
 def test_refresh_cost_model_counts_the_calls_of_each_setting():
