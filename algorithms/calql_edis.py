@@ -1070,7 +1070,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 transition, episode_log = collector.step(action)
                 # Online and generated rows carry no return-to-go: calibration is off online (CORL).
                 online_buffer.add(**transition, mc_returns=np.zeros(1, np.float32))
-                if collector.env_steps % config.edis.refresh_every == 0:
+                # No refresh at the last step: a single update would see its samples.
+                if collector.env_steps % config.edis.refresh_every == 0 and t + 1 < total:
                     refresh_log = edis.refresh(offline_buffer.data, online_buffer, agent)
                     logger.log({**refresh_log, "env_steps": collector.env_steps}, t + 1, phase)
                 # Until the first refresh has generated anything, offline data stand in for generated data.

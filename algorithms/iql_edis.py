@@ -981,7 +981,10 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 action = agent.act(collector.state, explore=True)
                 transition, episode_log = collector.step(action)
                 online_buffer.add(**transition)
-                refreshed = collector.env_steps % config.edis.refresh_every == 0
+                # No refresh at the last step, where a single update would see its samples (the reference loop
+                # keeps it: its utd_ratio updates at that step use them).
+                refreshed = collector.env_steps % config.edis.refresh_every == 0 and (
+                    t + 1 < total or config.edis.replay == "reference")
                 if refreshed:
                     refresh_log = edis.refresh(offline_buffer.data, online_buffer, agent)
                     logger.log({**refresh_log, "env_steps": collector.env_steps}, t + 1, phase)

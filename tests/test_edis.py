@@ -191,14 +191,18 @@ TINY_EDIS = ["--offline_iterations", "60", "--online_iterations", "120", "--eval
              "--edis.positive_buffer_size", "100", "--edis.metric_samples", "100", "--edis.energy_hidden", "32"]
 
 
-@pytest.mark.parametrize("algorithm, options, fits, updates", [
-    ("iql_edis", [], 3, 120),  # a warm-started model is fitted at online start, then at 2 refreshes
-    # The public code's loop: at each of the 2 refreshes, utd_ratio (3) updates replace the one ordinary update.
-    ("iql_edis", ["--edis.replay", "reference", "--edis.utd_ratio", "3"], 3, 124),
-    # Refitted from scratch: no fit at online start.
-    ("calql_edis", ["--edis.include_terminal", "true", "--edis.retrain_from_scratch", "true"], 2, None),
+@pytest.mark.parametrize("algorithm, options, fits, updates, refresh_steps", [
+    # A warm-started model is fitted at online start, then refreshed at step 60; not at the last step (120),
+    # where one update would see the samples.
+    ("iql_edis", [], 2, 120, [60]),
+    # The public code's loop refreshes at the last step too: utd_ratio (3) updates replace the one ordinary update
+    # at each of the 2 refreshes.
+    ("iql_edis", ["--edis.replay", "reference", "--edis.utd_ratio", "3"], 3, 124, [60, 120]),
+    # Refitted from scratch: no fit at online start; 150 steps: refreshes at 60 and 120.
+    ("calql_edis", ["--edis.include_terminal", "true", "--edis.retrain_from_scratch", "true",
+                    "--online_iterations", "150"], 2, None, [60, 120]),
 ])
-def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, fits, updates, tmp_path):
+def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, fits, updates, refresh_steps, tmp_path):
     result = run_script(algorithm, "--dataset", "random:Hopper-v5:1000", *TINY_EDIS, *options, "--log_dir",
                         str(tmp_path), "--name", "run")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -208,7 +212,7 @@ def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, fits, u
     assert np.isfinite(summary["online"]["final_normalized_score"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     refreshes = [r for r in records if "edis/state_mmd_guided" in r]
-    assert [r["env_steps"] for r in refreshes] == [60, 120]
+    assert [r["env_steps"] for r in refreshes] == refresh_steps
     for record in refreshes:
         for kind in ("guided", "unguided"):
             for metric in ("state_mmd", "policy_loglik", "dynamics_state_mse", "dynamics_reward_mae"):
@@ -260,10 +264,10 @@ def test_base_checkpoint_feeds_edis_and_edis_checkpoints_keep_the_model(iql, edi
               "--checkpoints_path", str(checkpoints)]
     assert edis.main([*common, "--name", "tuned", "--load_model", str(checkpoints / "base" / "checkpoint_60.pt")]) == 0
     summary = json.loads((tmp_path / "tuned" / "summary.json").read_text())
-    assert summary["offline"]["iterations"] == 0 and summary["edis_refreshes"] == 3
+    assert summary["offline"]["iterations"] == 0 and summary["edis_refreshes"] == 2  # online start and step 60
     saved = torch.load(checkpoints / "tuned" / "checkpoint_180.pt", weights_only=False)
-    assert saved["algorithm"] == "iql_edis" and saved["edis"]["refreshes"] == 3
+    assert saved["algorithm"] == "iql_edis" and saved["edis"]["refreshes"] == 2
     # Resuming from it keeps the diffusion model and energies: the refresh count goes on.
     resume_from = checkpoints / "tuned" / "checkpoint_180.pt"
     assert edis.main([*common, "--name", "resumed", "--load_model", str(resume_from)]) == 0
-    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["edis_refreshes"] == 6
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["edis_refreshes"] == 4
