@@ -1407,12 +1407,6 @@ class FiniteGuard:
                 raise NonFiniteError(f"train/{name} became NaN or inf at update {step}")
 
 
-def check_finite_values(values: Dict[str, float], where: str) -> None:
-    for name, value in values.items():
-        if not math.isfinite(value):
-            raise NonFiniteError(f"{name} became NaN or inf {where}")
-
-
 def rng_states() -> Dict[str, Any]:
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():

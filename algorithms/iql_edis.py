@@ -612,6 +612,13 @@ def recent_rows(buffer: "ReplayBuffer", count: int) -> Dict[str, torch.Tensor]:
     return {name: column[index] for name, column in buffer.data.items()}
 
 
+def check_finite_values(values: Dict[str, float], where: str) -> None:
+    """A refresh's losses and guidance norms: NaN or inf stops the run with one line."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{name} became NaN or inf {where}")
+
+
 class EDIS:
     """Owns the diffusion model, the three energies and the buffer of generated transitions.
 
@@ -2149,12 +2156,6 @@ class FiniteGuard:
         for name, step in zip(self.names, self.first_bad.tolist(), strict=True):
             if step >= 0:
                 raise NonFiniteError(f"train/{name} became NaN or inf at update {step}")
-
-
-def check_finite_values(values: Dict[str, float], where: str) -> None:
-    for name, value in values.items():
-        if not math.isfinite(value):
-            raise NonFiniteError(f"{name} became NaN or inf {where}")
 
 
 def rng_states() -> Dict[str, Any]:

@@ -78,5 +78,6 @@ def test_algorithm_first_machinery_last(path):
 @pytest.mark.parametrize("path", [p for p in FILES if not p.stem.endswith("_edis")], ids=lambda p: p.name)
 def test_base_files_carry_nothing_only_edis_uses(path):
     text = path.read_text()
-    for name in ("sample_actions", "sample_policy_actions", "policy_log_prob", "def recent", "recent_rows"):
+    for name in ("sample_actions", "sample_policy_actions", "policy_log_prob", "def recent", "recent_rows",
+                 "check_finite_values"):
         assert name not in text, f"{path.name} holds {name}, which only EDIS uses"
