@@ -90,3 +90,23 @@ def test_refresh_syncs_do_not_grow_with_steps_epochs_or_samples(name, request):
     few, many = syncs(steps=2, epochs=1, sample_steps=2), syncs(steps=12, epochs=4, sample_steps=8)
     assert many == few  # a constant, not one per step, epoch or sampler step
     assert len(few) <= 4  # the fit's last loss and each energy's
+
+
+@pytest.mark.parametrize("name, agent_class", [("iql", "ImplicitQLearning"), ("calql", "CalQL"),
+                                               ("iql_edis", "ImplicitQLearning"), ("calql_edis", "CalQL")])
+def test_policies_build_distributions_without_argument_checks(name, agent_class, request, monkeypatch):
+    """torch.distributions checks its arguments by default: a read of a device value (a sync) per distribution.
+    The policies skip it; NaN is the finite guard's job."""
+    module = request.getfixturevalue(name)
+    agent = getattr(module, agent_class)(module.TrainConfig(), 5, 2, 1.0, torch.device("cpu"))
+    checks: List[object] = []
+    original = torch.distributions.Distribution.__init__
+
+    def recording(self, *args, validate_args=None, **kwargs):
+        checks.append(validate_args)
+        original(self, *args, validate_args=validate_args, **kwargs)
+
+    monkeypatch.setattr(torch.distributions.Distribution, "__init__", recording)
+    agent.update(batch_of(64))
+    agent.act(torch.zeros(3, 5).numpy(), explore=True)
+    assert checks and all(check is False for check in checks), checks
