@@ -9,8 +9,11 @@ data (the calibration). Online, a batch mixes the offline buffer and a separate 
     python algorithms/calql.py --config configs/local/hopper-random.yaml
     python algorithms/calql.py --config configs/antmaze/umaze.yaml --seed 3 --device cpu
 
-The file is self-contained: copy it into your project and it runs. A section marked
-`BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name holds it identically.
+The file is self-contained: copy it into your project and it runs. It reads top to bottom: the
+configuration, the returns-to-go and networks, the agent (its `update` is Cal-QL), `train()`; the
+machinery (command line, data, environment, buffers, evaluation, logging) follows the "Machinery"
+banner. A section marked `BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name
+holds it identically.
 """
 
 import contextlib

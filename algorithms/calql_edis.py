@@ -14,8 +14,11 @@ data stand in for generated data. As in CORL, calibration is off online.
     python algorithms/calql_edis.py --config configs/local/hopper-random.yaml
     python algorithms/calql_edis.py --config configs/mujoco/hopper-medium-replay.yaml --device cuda
 
-The file is self-contained: copy it into your project and it runs. A section marked
-`BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name holds it identically.
+The file is self-contained: copy it into your project and it runs. It reads top to bottom: the
+configuration, the returns-to-go and networks, the diffusion model, the energies and guided sampler,
+the refresh, the agent, `train()`; the machinery (command line, data, environment, buffers,
+evaluation, logging) follows the "Machinery" banner. A section marked `BEGIN SHARED: <name>` is a
+copy: every algorithm file that holds that name holds it identically.
 """
 
 import contextlib

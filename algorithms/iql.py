@@ -8,8 +8,11 @@ keeps the online transitions appended to it.
     python algorithms/iql.py --config configs/local/hopper-random.yaml
     python algorithms/iql.py --config configs/adroit/pen-cloned.yaml --seed 3 --device cpu
 
-The file is self-contained: copy it into your project and it runs. A section marked
-`BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name holds it identically.
+The file is self-contained: copy it into your project and it runs. It reads top to bottom: the
+configuration, the networks, the agent (its `update` is IQL), `train()`; the machinery (command
+line, data, environment, buffers, evaluation, logging) follows the "Machinery" banner. A section
+marked `BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name holds it
+identically.
 """
 
 import contextlib

@@ -16,8 +16,11 @@ IQL-EDIS numbers: online updates replay offline + online data as plain IQL does,
     python algorithms/iql_edis.py --config configs/local/hopper-random.yaml
     python algorithms/iql_edis.py --config configs/adroit/pen-cloned.yaml --edis.mix_ratio 0.3
 
-The file is self-contained: copy it into your project and it runs. A section marked
-`BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name holds it identically.
+The file is self-contained: copy it into your project and it runs. It reads top to bottom: the
+configuration, the networks, the diffusion model, the energies and guided sampler, the refresh, the
+agent, `train()`; the machinery (command line, data, environment, buffers, evaluation, logging)
+follows the "Machinery" banner. A section marked `BEGIN SHARED: <name>` is a copy: every algorithm
+file that holds that name holds it identically.
 """
 
 import contextlib
