@@ -1107,16 +1107,18 @@ def decode_bool(value: Any) -> bool:
 
 
 def decode_int(value: Any) -> int:
+    text = str(value)
     with contextlib.suppress(ValueError, OverflowError):  # 1_000_000 and 1e6 are integers too
-        if not isinstance(value, (bool, float)) and float(str(value)).is_integer():
-            return int(float(str(value))) if "e" in str(value).lower() else int(str(value))
+        if not isinstance(value, (bool, float)) and float(text).is_integer():
+            return int(float(text)) if "e" in text.lower() else int(text)
     raise ValueError("is not an integer")
 
 
 def decode_float(value: Any) -> float:
     with contextlib.suppress(ValueError):  # inf and YAML's .inf are numbers (Cal-QL's clip bounds); NaN is not
-        if not isinstance(value, bool) and not math.isnan(float(str(value).lower().replace(".inf", "inf"))):
-            return float(str(value).lower().replace(".inf", "inf"))
+        number = float(str(value).lower().replace(".inf", "inf"))
+        if not isinstance(value, bool) and not math.isnan(number):
+            return number
     raise ValueError("is not a number")
 
 
