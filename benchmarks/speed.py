@@ -367,24 +367,62 @@ def fidelity_command(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # online: wall-clock of each EDIS variant's online phase against its base, from finetune.py runs
 # ---------------------------------------------------------------------------------------------
+def stopped_intervals(pauses_log: Path) -> Dict[str, List[tuple]]:
+    """Run name -> (stopped, continued) times (epoch seconds) from a pauses.log of `table.py pause/continue`:
+    lines `<UTC time> stop|cont <run name> ...`; a run's pause ends at the first `cont` line that names it."""
+    intervals: Dict[str, List[tuple]] = {}
+    stopped_since: Dict[str, float] = {}
+    if not pauses_log.is_file():
+        return intervals
+    for line in pauses_log.read_text().splitlines():
+        stamp, action, *names = line.split()
+        moment = time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        for name in names:
+            if action == "stop":
+                stopped_since.setdefault(name, moment)
+            elif name in stopped_since:
+                intervals.setdefault(name, []).append((stopped_since.pop(name), moment))
+    return intervals
+
+
 def online_command(args: argparse.Namespace) -> int:
-    runs: Dict[tuple, float] = {}
-    for summary_path in (path for log_dir in args.log_dir for path in Path(log_dir).glob("*/summary.json")):
-        parts = summary_path.parent.name.split("--")
-        if len(parts) != 3 or parts[0].startswith("pretrain"):
-            continue
-        summary = json.loads(summary_path.read_text())
-        runs[(parts[0], parts[1], parts[2])] = summary["online"]["wall_clock_s"]
-    result: Dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "pairs": {}}
-    for (variant, key, seed), seconds in sorted(runs.items()):
+    """Each EDIS variant's online wall-clock beside its base's from the same seed, less the time the runs spent
+    stopped (log_dir/pauses.log) between the start of their last attempt (config.yaml, written at each start)
+    and their end (summary.json). A run resumed from a snapshot is left out: the time its earlier attempts
+    spent stopped, or lost after their last snapshot, cannot be told from its logs."""
+    runs: Dict[tuple, Dict[str, Any]] = {}
+    for log_dir in map(Path, args.log_dir):
+        stopped = stopped_intervals(log_dir / "pauses.log")
+        for summary_path in log_dir.glob("*/summary.json"):
+            run_dir = summary_path.parent
+            parts = run_dir.name.split("--")
+            if len(parts) != 3 or parts[0].startswith("pretrain"):
+                continue
+            log = log_dir / f"{run_dir.name}.log"
+            resumed = log.is_file() and any(line.startswith("resumed ") for line in log.read_text().splitlines())
+            start, end = (run_dir / "config.yaml").stat().st_mtime, summary_path.stat().st_mtime
+            paused = sum(max(0.0, min(end, b) - max(start, a)) for a, b in stopped.get(run_dir.name, []))
+            wall = json.loads(summary_path.read_text())["online"]["wall_clock_s"]
+            runs[tuple(parts)] = {"seconds": round(wall - paused, 2), "paused_s": round(paused, 2),
+                                  "resumed": resumed}
+    result: Dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "pairs": {}, "left_out": []}
+    for (variant, key, seed), run in sorted(runs.items()):
         base = "calql" if variant.startswith("calql") else "iql"
         if variant == base or (base, key, seed) not in runs:
             continue
-        result["pairs"].setdefault(f"{variant} / {base} ({key})", []).append(
-            {"seed": seed, "variant_s": seconds, "base_s": runs[(base, key, seed)]})
+        base_run = runs[(base, key, seed)]
+        pair = f"{variant} / {base} ({key})"
+        if run["resumed"] or base_run["resumed"]:
+            result["left_out"].append(f"{pair} {seed}: resumed from a snapshot")
+            continue
+        result["pairs"].setdefault(pair, []).append(
+            {"seed": seed, "variant_s": run["seconds"], "base_s": base_run["seconds"],
+             "ratio": round(run["seconds"] / base_run["seconds"], 3),
+             "paused_s": {"variant": run["paused_s"], "base": base_run["paused_s"]}})
     path = Path(args.results) / "speed-online.json"
     path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}: {sum(len(v) for v in result['pairs'].values())} pair(s)")
+    print(f"wrote {path}: {sum(len(v) for v in result['pairs'].values())} pair(s), "
+          f"{len(result['left_out'])} left out")
     return 0
 
 
@@ -546,13 +584,19 @@ def report_command(args: argparse.Namespace) -> int:
     if online_path.is_file():
         online = json.loads(online_path.read_text())
         body += ["## Online phase (configs/cpu, from finetune.py runs)", "",
-                 f"`{online['command']}` on {online['machine']}.", "",
-                 "| variant / base | seeds | variant s | base s | ratio |", "|---|---|---|---|---|"]
+                 f"`{online['command']}` on {online['machine']}. Each pair: one seed's EDIS variant and its base, "
+                 "fine-tuned from the same checkpoint; seconds of the online phase, less any time the runs were "
+                 "stopped (`table.py pause`). Ratio: median over seeds of the per-seed ratio.", "",
+                 "| variant / base | seeds | variant s (mean) | base s (mean) | ratio (median) | per-seed ratios |",
+                 "|---|---|---|---|---|---|"]
         for pair, entries in online["pairs"].items():
             variant = statistics.mean(entry["variant_s"] for entry in entries)
             base = statistics.mean(entry["base_s"] for entry in entries)
-            body.append(f"| {pair} | {len(entries)} | {variant:,.0f} | {base:,.0f} | {variant / base:.2f} |")
-            ratio_lines.append(f"- Online phase, {pair}: **{variant / base:.2f}x** its base ({len(entries)} seed(s))")
+            ratio = statistics.median(entry["variant_s"] / entry["base_s"] for entry in entries)
+            each = ", ".join(f"{entry['variant_s'] / entry['base_s']:.2f}" for entry in entries)
+            body.append(f"| {pair} | {len(entries)} | {variant:,.0f} | {base:,.0f} | {ratio:.2f} | {each} |")
+            ratio_lines.append(f"- Online phase, {pair}: **{ratio:.2f}x** its base (median of {len(entries)} seed(s))")
+        body += [f"- left out: {entry}" for entry in online.get("left_out", [])]
         body.append("")
     for path in sorted(results.glob("speed-estimate-*.json")):
         estimate = json.loads(path.read_text())

@@ -18,6 +18,12 @@ Then, wherever the run folders were gathered:
     python benchmarks/table.py report --log-dir runs/table    # table + bar plot beside published numbers
     python benchmarks/table.py curves --log-dir runs/table    # evaluation score over training, per config
 
+To use a shared machine for something else without spoiling the runs' wall-clocks, stop them and
+later continue them (Linux); each pause is logged to log_dir/pauses.log, which speed.py reads:
+
+    python benchmarks/table.py pause --log-dir runs/table       # SIGSTOP every run writing under runs/table
+    python benchmarks/table.py continue --log-dir runs/table
+
 CPU scale (data made on this machine by benchmarks/collect.py): --configs configs/cpu/*.yaml.
 Full-scale configs (1M updates) are GPU work: about 2 h (IQL) to a day (Cal-QL) per run on one GPU.
 Anything after `--` is passed to every run, e.g. `-- --device cuda --wandb_mode online`.
@@ -28,6 +34,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -216,6 +223,45 @@ def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: in
 # ---------------------------------------------------------------------------------------------
 # Report and curves: what the runs wrote, identified by their summary.json
 # ---------------------------------------------------------------------------------------------
+def runs_writing_under(log_dir: Path) -> Dict[int, str]:
+    """Process id -> run name of every algorithm run (Linux /proc) whose run folder lies in log_dir:
+    `--log_dir L --name N` or `--resume L/N` on its command line, relative paths read from its cwd."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().decode().split("\0")
+            cwd = Path(os.readlink(proc / "cwd"))
+        except OSError:  # gone, or not ours to read
+            continue
+        if len(argv) < 2 or not (argv[1].startswith("algorithms/") or "/algorithms/" in argv[1]):
+            continue
+        options = dict(zip(argv[2:], argv[3:], strict=False))  # each argument -> the one after it
+        if "--resume" in options:
+            run_dir = cwd / options["--resume"]
+        elif "--log_dir" in options and "--name" in options:
+            run_dir = cwd / options["--log_dir"] / options["--name"]
+        else:
+            continue
+        if run_dir.resolve().parent == log_dir.resolve():
+            found[int(proc.name)] = run_dir.name
+    return found
+
+
+def pause(args: argparse.Namespace) -> int:
+    """Stop (or continue) the runs writing under --log-dir, and log the time and their names to pauses.log."""
+    log_dir, stop = Path(args.log_dir), args.command == "pause"
+    if not log_dir.is_dir():
+        sys.exit(f"error: --log-dir {log_dir} is not a folder")
+    runs = runs_writing_under(log_dir)
+    for pid in runs:
+        os.kill(pid, signal.SIGSTOP if stop else signal.SIGCONT)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with open(log_dir / "pauses.log", "a") as log:
+        log.write(f"{stamp} {'stop' if stop else 'cont'} {' '.join(sorted(runs.values()))}\n")
+    print(f"{'stopped' if stop else 'continued'} {len(runs)} run(s): {', '.join(sorted(runs.values())) or '-'}")
+    return 0
+
+
 def published(algorithm: str, dataset: str) -> Dict[str, Optional[float]]:
     """The published numbers for a run, the one place they are looked up: CORL's base algorithm offline and
     online, the EDIS paper's after fine-tuning (EDIS algorithms only). Keys are D4RL dataset names."""
@@ -425,6 +471,10 @@ def main() -> int:
     report_parser.add_argument("--last", type=int, default=3, help="online evaluations averaged in 'mean of last k'")
     curves_parser = commands_parser.add_parser("curves", help="evaluation score over training, per config")
     curves_parser.add_argument("--log-dir", default="runs/table")
+    for command, verb in (("pause", "stop (SIGSTOP)"), ("continue", "continue (SIGCONT)")):
+        pause_parser = commands_parser.add_parser(command, help=f"{verb} the runs writing under --log-dir; "
+                                                                 "logged to its pauses.log")
+        pause_parser.add_argument("--log-dir", default="runs/table")
     args = parser.parse_args()
     if args.command == "run":
         args.extra = [a for a in args.extra if a != "--"]
@@ -433,6 +483,8 @@ def main() -> int:
         if args.workers is None:
             args.workers = max(1, (os.cpu_count() or 1) // args.threads_per_run)
         return run(args)
+    if args.command in ("pause", "continue"):
+        return pause(args)
     if args.command == "report":
         report(args)
     else:

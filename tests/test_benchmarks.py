@@ -310,3 +310,67 @@ def test_a_dead_run_with_a_snapshot_is_resumed_not_restarted(tmp_path):
     (tmp_path / "run" / "snapshot.pt").unlink()
     (tmp_path / "run" / "metrics.jsonl").write_text("{}")
     assert attempt_command("run", command, tmp_path) == command and not (tmp_path / "run").exists()
+
+
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="pause finds runs through Linux /proc")
+def test_pause_stops_only_the_runs_of_its_log_dir_and_logs_them(tmp_path):
+    (tmp_path / "algorithms").mkdir()
+    (tmp_path / "algorithms" / "sleeper.py").write_text("import time\nwhile True:\n    time.sleep(0.05)\n")
+    (tmp_path / "runs").mkdir()
+    started = [subprocess.Popen([sys.executable, "algorithms/sleeper.py", *options], cwd=tmp_path) for options in
+               (["--log_dir", "runs", "--name", "a"], ["--resume", str(tmp_path / "runs" / "b")],
+                ["--log_dir", "elsewhere", "--name", "c"])]
+    table = [sys.executable, str(TABLE)]
+    try:
+        time.sleep(0.5)
+        stop = subprocess.run([*table, "pause", "--log-dir", str(tmp_path / "runs")], capture_output=True, text=True)
+        assert stop.returncode == 0 and "stopped 2 run(s): a, b" in stop.stdout, stop.stdout + stop.stderr
+        time.sleep(0.2)
+        assert [process_state(process.pid) for process in started] == ["T", "T", "S"]
+        subprocess.run([*table, "continue", "--log-dir", str(tmp_path / "runs")], check=True, capture_output=True)
+        time.sleep(0.2)
+        assert "T" not in [process_state(process.pid) for process in started]
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+    lines = (tmp_path / "runs" / "pauses.log").read_text().splitlines()
+    assert [line.split()[1:] for line in lines] == [["stop", "a", "b"], ["cont", "a", "b"]]
+
+
+def test_online_ratios_take_stopped_time_off_and_leave_resumed_runs_out(tmp_path):
+    """Pauses count only inside a run's last attempt (config.yaml .. summary.json); resumed runs are left out."""
+    def finished_run(name: str, start: float, end: float, wall: float, resumed: bool = False) -> None:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text("")
+        (run_dir / "summary.json").write_text(json.dumps({"online": {"wall_clock_s": wall}}))
+        os.utime(run_dir / "config.yaml", (start, start))
+        os.utime(run_dir / "summary.json", (end, end))
+        (tmp_path / f"{name}.log").write_text("resumed here at step 5\n" if resumed else "")
+
+    day = 1_800_000_000  # 2027-01-15T08:00:00Z
+    finished_run("iql--k--seed0", day, day + 1_000, 1_000)
+    finished_run("iql_edis--k--seed0", day, day + 2_600, 2_600)
+    finished_run("iql--k--seed1", day, day + 1_000, 1_000)
+    finished_run("iql_edis--k--seed1", day, day + 1_500, 1_500, resumed=True)
+
+    def stamp(seconds: int) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(day + seconds))
+
+    (tmp_path / "pauses.log").write_text(
+        f"{stamp(-500)} stop iql--k--seed0\n{stamp(-100)} cont iql--k--seed0\n"  # before its start: not counted
+        f"{stamp(1_000)} stop iql_edis--k--seed0 other\n{stamp(1_400)} cont iql_edis--k--seed0 other\n"
+        f"{stamp(2_500)} stop iql_edis--k--seed0\n{stamp(2_800)} cont iql_edis--k--seed0\n")  # 100 s inside
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--results", str(tmp_path),
+                             "online", "--log-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    online = json.loads((tmp_path / "speed-online.json").read_text())
+    assert online["pairs"] == {"iql_edis / iql (k)": [{
+        "seed": "seed0", "variant_s": 2_100.0, "base_s": 1_000.0, "ratio": 2.1,
+        "paused_s": {"variant": 500.0, "base": 0}}]}
+    assert online["left_out"] == ["iql_edis / iql (k) seed1: resumed from a snapshot"]
