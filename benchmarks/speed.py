@@ -584,7 +584,8 @@ def report_command(args: argparse.Namespace) -> int:
     if online_path.is_file():
         online = json.loads(online_path.read_text())
         body += ["## Online phase (configs/cpu, from finetune.py runs)", "",
-                 f"`{online['command']}` on {online['machine']}. Each pair: one seed's EDIS variant and its base, "
+                 f"`{online['command']}`, read on {online['machine']} (the runs' threads are the sweep's: "
+                 "finetune.py's --threads-per-run, 1 by default). Each pair: one seed's EDIS variant and its base, "
                  "fine-tuned from the same checkpoint; seconds of the online phase, less any time the runs were "
                  "stopped (`table.py pause`). Ratio: median over seeds of the per-seed ratio.", "",
                  "| variant / base | seeds | variant s (mean) | base s (mean) | ratio (median) | per-seed ratios |",
