@@ -68,8 +68,8 @@ def test_report_pairs_each_variant_with_its_base_per_seed(tmp_path):
     score_table = result.stdout.split("\n\n")[0]
     rows = {line.split(" | ")[1]: line for line in score_table.splitlines() if line.startswith("| cpu/")}
     assert "| 2 | 42.0 ± 2.0 | 60.0 ± 10.0 |" in rows["iql"]
-    # Paired changes: 58 - 50 = 8 and 74 - 70 = 4.
-    assert rows["iql_edis"].endswith("| 6.0 ± 2.0 (2 paired seeds) |")
+    # Paired changes, final: 58 - 50 = 8 and 74 - 70 = 4; last 3: (2 + 58) / 2 - (1 + 50) / 2 = 4.5, and 2.5.
+    assert rows["iql_edis"].endswith("| 6.0 ± 2.0 (2 paired seeds) | 3.5 ± 1.0 (2 paired seeds) |")
     assert "| state_mmd | 0.600 ± 0.500 | 0.300 ± 0.000 |" in result.stdout
     assert "skipped iql_edis_unguided--cpu__hopper-medium-replay--seed0: no summary.json" in result.stdout
     for folder in (tmp_path, out):
