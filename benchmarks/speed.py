@@ -493,6 +493,49 @@ def relative(value: float, reference: float) -> str:
     return f"{(value / reference - 1) * 100:+.0f}%"
 
 
+FIDELITY_AXES = {"state_mmd": "state MMD (lower)", "policy_loglik": "policy log-lik (higher)",
+                 "dynamics_state_mse": "s' error / std^2 (lower)", "dynamics_reward_mae": "r error / std (lower)"}
+
+
+def plot_sampler_steps(fidelity_files: List[Path], path: Path) -> None:
+    """Each fidelity metric against the sampler's steps (fp32, ours), guided and unguided, with the
+    reference settings' value (from scratch, 128 steps) as a star: where more steps stop paying."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(FIDELITY_AXES), figsize=(4 * len(FIDELITY_AXES), 3.4))
+    for index, fidelity_path in enumerate(fidelity_files):
+        settings = json.loads(fidelity_path.read_text())["settings"]
+        curve = sorted((entry["sample_steps"], entry) for label, entry in settings.items()
+                       if label.startswith("ours") and not entry["bf16"])
+        reference = next((entry for label, entry in settings.items() if label.startswith("reference")), None)
+        name = fidelity_path.stem.removeprefix("speed-fidelity-")
+        color = f"C{index}"
+        for ax, (key, title) in zip(axes, FIDELITY_AXES.items(), strict=True):
+            for kind, style in (("guided", "-"), ("unguided", "--")):
+                steps = [step for step, _ in curve]
+                means = np.array([entry[kind][key][0] for _, entry in curve])
+                errors = np.array([entry[kind][key][1] for _, entry in curve])
+                ax.errorbar(steps, means, yerr=errors, fmt=style + "o", color=color, markersize=3, capsize=2,
+                            label=f"{name}, {kind}")
+                if reference is not None:
+                    ax.plot([reference["sample_steps"]], [reference[kind][key][0]], "*", color=color,
+                            markersize=10, markerfacecolor="white" if kind == "unguided" else color)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([16, 32, 64, 128], ["16", "32", "64", "128"])
+            ax.set_xlim(12, 170)
+            ax.set_xlabel("sampler steps", fontsize=8)
+            ax.set_title(title, fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
+    fig.suptitle("Sample fidelity against sampler steps (ours, fp32; star: reference settings)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def report_command(args: argparse.Namespace) -> int:
     lines = ["# Speed", "", "Made by `python benchmarks/speed.py report` from the measurements below; each section",
              "names the command and the machine that produced it.", ""]
@@ -548,6 +591,13 @@ def report_command(args: argparse.Namespace) -> int:
                 ratio_lines.append(f"- Evaluation, {label} sizes: one env at a time / vector env = "
                                    f"**{sequential / best:.1f}x** ({path.name})")
         body.append("")
+    if fidelity_files:
+        plot_path = results / "speed-sampler-steps.png"
+        plot_sampler_steps(fidelity_files, plot_path)
+        body += ["## Fidelity against sampler steps", "", f"![fidelity against sampler steps]({plot_path.name})", "",
+                 "From the fidelity measurements below: lines are ours (fp32) at 16-128 sampler steps, solid guided "
+                 "and dashed unguided, with the standard error; stars are the reference settings (filled: guided).",
+                 ""]
     for path in fidelity_files:
         fidelity = json.loads(path.read_text())
         settings = fidelity["settings"]

@@ -374,3 +374,27 @@ def test_online_ratios_take_stopped_time_off_and_leave_resumed_runs_out(tmp_path
         "seed": "seed0", "variant_s": 2_100.0, "base_s": 1_000.0, "ratio": 2.1,
         "paused_s": {"variant": 500.0, "base": 0}}]}
     assert online["left_out"] == ["iql_edis / iql (k) seed1: resumed from a snapshot"]
+
+
+def test_speed_report_plots_fidelity_against_sampler_steps(tmp_path):
+    def metrics(value: float) -> dict:
+        return {key: [value, 0.1 * value] for key in ("state_mmd", "policy_loglik", "dynamics_state_mse",
+                                                     "dynamics_reward_mae")}
+
+    settings = {f"ours, {steps} steps": {"sample_steps": steps, "bf16": False, "fit_s": 1.0, "energies_s": 1.0,
+                                         "guided": metrics(1 / steps), "unguided": metrics(2 / steps)}
+                for steps in (16, 32, 64, 128)}
+    settings["reference (from scratch, 128 steps)"] = {"sample_steps": 128, "bf16": False, "fit_s": 2.0,
+                                                       "energies_s": 1.0, "guided": metrics(0.01),
+                                                       "unguided": metrics(0.02)}
+    (tmp_path / "speed-fidelity-test.json").write_text(json.dumps({
+        "machine": "m", "command": "c", "width": 8, "blocks": 1, "ours_fit": {"initial": 10, "refresh": 5},
+        "reference_fit": 10, "scales": {}, "repeats": 2, "rows": 10, "settings": settings}))
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--results", str(tmp_path),
+                             "report"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "speed.md").read_text()
+    assert "![fidelity against sampler steps](speed-sampler-steps.png)" in report
+    assert (tmp_path / "speed-sampler-steps.png").stat().st_size > 10_000
+    # 16 steps, guided, against the reference's guided: 1/16 against 0.01.
+    assert "ours, 16 steps against the reference settings (speed-fidelity-test.json): state_mmd +525%" in report
