@@ -1145,6 +1145,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         "env_steps": collector.env_steps,
         "edis_refreshes": edis.refreshes,
         "versions": package_versions(),
+        "machine": run_machine(device),
     }
     logger.write_summary(summary)
     logger.close()
@@ -2147,6 +2148,20 @@ def package_versions() -> Dict[str, str]:
     except ImportError:
         versions["mujoco"] = "not installed"
     return versions
+
+
+def run_machine(device: torch.device) -> Dict[str, Any]:
+    """Where the run ran, so that wall-clock numbers can be compared: CPU, cores, torch threads, device."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    machine = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return machine
 
 
 class RunLogger:

@@ -385,6 +385,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                    "wall_clock_s": round(online_seconds, 2)},
         "env_steps": collector.env_steps,
         "versions": package_versions(),
+        "machine": run_machine(device),
     }
     logger.write_summary(summary)
     logger.close()
@@ -1317,6 +1318,20 @@ def package_versions() -> Dict[str, str]:
     except ImportError:
         versions["mujoco"] = "not installed"
     return versions
+
+
+def run_machine(device: torch.device) -> Dict[str, Any]:
+    """Where the run ran, so that wall-clock numbers can be compared: CPU, cores, torch threads, device."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    machine = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return machine
 
 
 class RunLogger:

@@ -29,6 +29,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -76,7 +77,8 @@ def median_seconds(work: Callable[[], Any], device: torch.device, repeats: int, 
     return statistics.median(timings)
 
 
-def machine() -> str:
+def machine(threads: bool = True) -> str:
+    """This machine; `threads`: with this process's torch threads (not when it only reads others' runs)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -85,9 +87,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    described = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{described}, {torch.get_num_threads()} thread(s)" if threads else described
 
 
 def env_sizes(module: ModuleType, env_id: str) -> tuple:
@@ -402,10 +403,12 @@ def online_command(args: argparse.Namespace) -> int:
             resumed = log.is_file() and any(line.startswith("resumed ") for line in log.read_text().splitlines())
             start, end = (run_dir / "config.yaml").stat().st_mtime, summary_path.stat().st_mtime
             paused = sum(max(0.0, min(end, b) - max(start, a)) for a, b in stopped.get(run_dir.name, []))
-            wall = json.loads(summary_path.read_text())["online"]["wall_clock_s"]
-            runs[tuple(parts)] = {"seconds": round(wall - paused, 2), "paused_s": round(paused, 2),
-                                  "resumed": resumed}
-    result: Dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "pairs": {}, "left_out": []}
+            summary = json.loads(summary_path.read_text())
+            runs[tuple(parts)] = {"seconds": round(summary["online"]["wall_clock_s"] - paused, 2),
+                                  "paused_s": round(paused, 2), "resumed": resumed,
+                                  "threads": summary.get("machine", {}).get("torch_threads")}
+    result: Dict[str, Any] = {"machine": machine(threads=False), "command": " ".join(sys.argv), "pairs": {},
+                              "left_out": []}
     for (variant, key, seed), run in sorted(runs.items()):
         base = "calql" if variant.startswith("calql") else "iql"
         if variant == base or (base, key, seed) not in runs:
@@ -418,6 +421,7 @@ def online_command(args: argparse.Namespace) -> int:
         result["pairs"].setdefault(pair, []).append(
             {"seed": seed, "variant_s": run["seconds"], "base_s": base_run["seconds"],
              "ratio": round(run["seconds"] / base_run["seconds"], 3),
+             "threads": {"variant": run["threads"], "base": base_run["threads"]},
              "paused_s": {"variant": run["paused_s"], "base": base_run["paused_s"]}})
     path = Path(args.results) / "speed-online.json"
     path.write_text(json.dumps(result, indent=1))
@@ -633,9 +637,13 @@ def report_command(args: argparse.Namespace) -> int:
     online_path = results / "speed-online.json"
     if online_path.is_file():
         online = json.loads(online_path.read_text())
+        threads = sorted({str(count) for entries in online["pairs"].values() for entry in entries
+                          for count in entry.get("threads", {}).values() if count is not None})
+        threads_text = (f"torch threads per run, as the runs recorded them: {', '.join(threads)}" if threads else
+                        "the runs did not record their torch threads: finetune.py's --threads-per-run, 1 by default")
         body += ["## Online phase (configs/cpu, from finetune.py runs)", "",
-                 f"`{online['command']}`, read on {online['machine']} (the runs' threads are the sweep's: "
-                 "finetune.py's --threads-per-run, 1 by default). Each pair: one seed's EDIS variant and its base, "
+                 f"`{online['command']}`, read on {online['machine']} ({threads_text}). "
+                 "Each pair: one seed's EDIS variant and its base, "
                  "fine-tuned from the same checkpoint; seconds of the online phase, less any time the runs were "
                  "stopped (`table.py pause`). Ratio: median over seeds of the per-seed ratio.", "",
                  "| variant / base | seeds | variant s (mean) | base s (mean) | ratio (median) | per-seed ratios |",
@@ -647,7 +655,8 @@ def report_command(args: argparse.Namespace) -> int:
             each = ", ".join(f"{entry['variant_s'] / entry['base_s']:.2f}" for entry in entries)
             body.append(f"| {pair} | {len(entries)} | {variant:,.0f} | {base:,.0f} | {ratio:.2f} | {each} |")
             ratio_lines.append(f"- Online phase, {pair}: **{ratio:.2f}x** its base (median of {len(entries)} seed(s))")
-        body += [f"- left out: {entry}" for entry in online.get("left_out", [])]
+        if online.get("left_out"):
+            body += [""] + [f"- left out: {entry}" for entry in online["left_out"]]
         body.append("")
     for path in sorted(results.glob("speed-estimate-*.json")):
         estimate = json.loads(path.read_text())

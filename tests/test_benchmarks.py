@@ -348,7 +348,8 @@ def test_online_ratios_take_stopped_time_off_and_leave_resumed_runs_out(tmp_path
         run_dir = tmp_path / name
         run_dir.mkdir()
         (run_dir / "config.yaml").write_text("")
-        (run_dir / "summary.json").write_text(json.dumps({"online": {"wall_clock_s": wall}}))
+        (run_dir / "summary.json").write_text(json.dumps({"online": {"wall_clock_s": wall},
+                                                          "machine": {"torch_threads": 1}}))
         os.utime(run_dir / "config.yaml", (start, start))
         os.utime(run_dir / "summary.json", (end, end))
         (tmp_path / f"{name}.log").write_text("resumed here at step 5\n" if resumed else "")
@@ -372,8 +373,14 @@ def test_online_ratios_take_stopped_time_off_and_leave_resumed_runs_out(tmp_path
     online = json.loads((tmp_path / "speed-online.json").read_text())
     assert online["pairs"] == {"iql_edis / iql (k)": [{
         "seed": "seed0", "variant_s": 2_100.0, "base_s": 1_000.0, "ratio": 2.1,
-        "paused_s": {"variant": 500.0, "base": 0}}]}
+        "threads": {"variant": 1, "base": 1}, "paused_s": {"variant": 500.0, "base": 0}}]}
     assert online["left_out"] == ["iql_edis / iql (k) seed1: resumed from a snapshot"]
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--results", str(tmp_path),
+                             "report"], capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "speed.md").read_text()
+    assert "torch threads per run, as the runs recorded them: 1" in text
+    assert "| iql_edis / iql (k) | 1 | 2,100 | 1,000 | 2.10 | 2.10 |\n\n- left out: iql_edis / iql (k) seed1" in text
 
 
 def test_speed_report_plots_fidelity_against_sampler_steps(tmp_path):

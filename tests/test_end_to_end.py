@@ -35,6 +35,8 @@ def test_run_writes_summary_metrics_and_checkpoints(algorithm, tmp_path):
         assert summary[phase]["best_normalized_score"] >= summary[phase]["final_normalized_score"]
         assert summary[phase]["wall_clock_s"] > 0
     assert {"torch", "gymnasium", "mujoco"} <= set(summary["versions"])
+    # wall-clock numbers are only comparable with the threads and device they ran on
+    assert summary["machine"]["torch_threads"] >= 1 and summary["machine"]["device"] == "cpu"
 
     records = read_metrics(run_dir)
     assert all({"step", "phase"} <= set(record) for record in records)
