@@ -8,7 +8,10 @@ checkpoint online, so the variants differ only in what happens online:
     iql_edis            IQL-EDIS, the paper's loop (generated + online data in every batch)
     iql_edis_unguided   the same with every guidance scale 0 (plain diffusion samples)
     iql_edis_reference  the same with --edis.replay reference (the public code's loop)
-    calql, calql_edis, calql_edis_unguided   the same for Cal-QL
+    iql_edis_offline_rows  the paper's loop with real offline rows where generated rows would go (no
+                        diffusion model): what the batch mix does without the samples, so that the
+                        samples' own effect is iql_edis minus this
+    calql, calql_edis, calql_edis_unguided, calql_edis_offline_rows   the same for Cal-QL
 
     python benchmarks/finetune.py run --configs configs/cpu/hopper-medium-replay.yaml --seeds 0 1 2 3 4 \\
         --variants iql iql_edis iql_edis_unguided iql_edis_reference -- --wandb_mode disabled
@@ -38,15 +41,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from table import ROOT, config_key, run_jobs  # noqa: E402
 
 UNGUIDED = ["--edis.guidance_state", "0", "--edis.guidance_transition", "0", "--edis.guidance_policy", "0"]
+# No refresh ever comes and nothing is fitted, so the offline rows that stand in for generated ones until the
+# first refresh stay in every online batch, at the same share.
+OFFLINE_ROWS = ["--edis.refresh_every", "1000000000", "--edis.initial_fit_steps", "0"]
 # variant: (script, the EDIS algorithm whose settings it runs with, extra options)
 VARIANTS = {
     "iql": ("iql", "iql_edis", []),
     "iql_edis": ("iql_edis", "iql_edis", []),
     "iql_edis_unguided": ("iql_edis", "iql_edis", UNGUIDED),
     "iql_edis_reference": ("iql_edis", "iql_edis", ["--edis.replay", "reference"]),
+    "iql_edis_offline_rows": ("iql_edis", "iql_edis", OFFLINE_ROWS),
     "calql": ("calql", "calql_edis", []),
     "calql_edis": ("calql_edis", "calql_edis", []),
     "calql_edis_unguided": ("calql_edis", "calql_edis", UNGUIDED),
+    "calql_edis_offline_rows": ("calql_edis", "calql_edis", OFFLINE_ROWS),
 }
 # Fields that name or place a run rather than define the algorithm.
 NOT_SETTINGS = {"seed", "name", "group", "project", "log_dir", "checkpoints_path", "load_model", "wandb_mode", "edis"}
@@ -305,7 +313,8 @@ def main() -> int:
     run_parser.add_argument("--configs", nargs="+", required=True)
     run_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     run_parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
-                            default=["iql", "iql_edis", "iql_edis_unguided", "iql_edis_reference"])
+                            default=["iql", "iql_edis", "iql_edis_unguided", "iql_edis_reference",
+                                     "iql_edis_offline_rows"])
     run_parser.add_argument("--log-dir", default="runs/finetune")
     run_parser.add_argument("--threads-per-run", type=int, default=1, help="OMP_NUM_THREADS of each run")
     run_parser.add_argument("--workers", type=int, default=None, help="runs at a time (default: cores // threads)")

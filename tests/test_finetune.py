@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 FINETUNE = ROOT / "benchmarks" / "finetune.py"
 
@@ -43,6 +43,23 @@ def test_variants_share_one_checkpoint_and_the_edis_algorithms_settings(tmp_path
     assert unguided["--edis.guidance_state"] == unguided["--edis.guidance_policy"] == "0"
     assert unguided["--edis.guidance_transition"] == "0"
     assert reference["--edis.replay"] == "reference" and "--edis.replay" not in edis
+
+
+def test_offline_rows_variant_replays_offline_rows_and_never_samples(tmp_path):
+    """iql_edis_offline_rows is the paper's loop with no refresh: nothing is fitted or generated, ever."""
+    printed = finetune("run", "--configs", "configs/cpu/hopper-medium-replay.yaml", "--seeds", "0", "--log-dir",
+                       str(tmp_path), "--print-commands", "--variants", "iql_edis_offline_rows")
+    assert printed.returncode == 0, printed.stderr
+    command = shlex.split(printed.stdout.strip().splitlines()[-1])
+    variant_options = command[command.index("--log_dir") + 2:command.index("--load_model")]
+    result = run_script("iql_edis", "--dataset", "random:Hopper-v5:1000", "--offline_iterations", "20",
+                        "--online_iterations", "600", "--edis.refresh_every", "200", "--edis.num_samples", "64",
+                        "--batch_size", "32", "--n_episodes", "1", "--log_freq", "100", "--wandb_mode", "disabled",
+                        "--device", "cpu", "--log_dir", str(tmp_path / "runs"), "--name", "rows", *variant_options)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "runs" / "rows" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("edis/generated" in record or record.get("edis/diffusion_loss", 0) for record in records)
+    assert any(record.get("phase") == "online" and "train/q_loss" in record for record in records)
 
 
 def write_run(folder: Path, scores: dict, offline_iterations: int, refreshes: list = ()) -> None:
