@@ -228,21 +228,36 @@ def report(args: argparse.Namespace) -> int:
     def last3(run: Dict[str, Any]) -> float:  # less noisy than one evaluation of 10 episodes
         return float(np.mean([run["evaluations"][step] for step in sorted(run["evaluations"])[-3:]]))
 
+    def changes(seeds: Dict[int, Dict[str, Any]], against: Dict[int, Dict[str, Any]]) -> List[str]:
+        """Per seed, the score minus `against`'s from the same checkpoint: final, and mean of the last 3."""
+        paired = [s for s in seeds if s in against]
+        if not paired:
+            return ["-", "-"]
+        return [f"{mean_std([score(seeds[s]) - score(against[s]) for s in paired])} ({len(paired)} paired seeds)"
+                for score in (final, last3)]
+
     lines = ["| config | variant | seeds | offline | online (final) | online (mean of last 3 evaluations) "
              "| change over base (final) | change over base (last 3) |", "|---|---|---|---|---|---|---|---|"]
     for (key, variant), seeds in sorted(runs.items()):
         base = VARIANTS[variant][1].removesuffix("_edis")
         offline = [final(pretrained[(key, base)][s]) for s in seeds if s in pretrained[(key, base)]]
-        changes = ["-", "-"]
-        if variant != base and (key, base) in runs:
-            paired = [s for s in seeds if s in runs[(key, base)]]
-            for column, score in enumerate((final, last3)):
-                differences = [score(seeds[s]) - score(runs[(key, base)][s]) for s in paired]
-                changes[column] = f"{mean_std(differences)} ({len(paired)} paired seeds)" if paired else "-"
+        change = changes(seeds, runs[(key, base)]) if variant != base and (key, base) in runs else ["-", "-"]
         lines.append(f"| {key} | {variant} | {len(seeds)} | {mean_std(offline)} | "
                      f"{mean_std([final(run) for run in seeds.values()])} | "
-                     f"{mean_std([last3(run) for run in seeds.values()])} | {changes[0]} | {changes[1]} |")
+                     f"{mean_std([last3(run) for run in seeds.values()])} | {change[0]} | {change[1]} |")
     table = "\n".join(lines)
+
+    # The paper's loop replaces offline rows by generated ones at the same share of each batch: against
+    # <family>_offline_rows, a paper-loop variant's change is what its samples do, apart from the mix.
+    samples = ["| config | variant | change over offline rows at the same mix (final) | (last 3) |",
+               "|---|---|---|---|"]
+    for (key, variant), seeds in sorted(runs.items()):
+        family = VARIANTS[variant][1]
+        if variant in (family, f"{family}_unguided") and (key, f"{family}_offline_rows") in runs:
+            change = changes(seeds, runs[(key, f"{family}_offline_rows")])
+            samples.append(f"| {key} | {variant} | {change[0]} | {change[1]} |")
+    if len(samples) > 2:
+        table += "\n\nWhat the generated samples do, apart from the batch mix:\n\n" + "\n".join(samples)
 
     fidelity = ["| config | variant | refreshes | metric | guided | unguided |", "|---|---|---|---|---|---|"]
     for (key, variant), seeds in sorted(runs.items()):

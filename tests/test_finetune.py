@@ -91,3 +91,23 @@ def test_report_pairs_each_variant_with_its_base_per_seed(tmp_path):
     assert "skipped iql_edis_unguided--cpu__hopper-medium-replay--seed0: no summary.json" in result.stdout
     for folder in (tmp_path, out):
         assert (folder / "finetune.md").is_file() and (folder / "finetune.png").stat().st_size > 0
+
+
+def test_report_tells_the_samples_effect_from_the_batch_mix(tmp_path):
+    """iql_edis and iql_edis_unguided are also paired with iql_edis_offline_rows (same loop, real rows)."""
+    key = "cpu__walker2d-medium-replay"
+    for seed, (mix, edis, unguided) in enumerate([(30.0, 20.0, 25.0), (40.0, 36.0, 38.0)]):
+        write_run(tmp_path / f"iql--{key}--seed{seed}", {300: 50.0}, 200)
+        write_run(tmp_path / f"iql_edis_offline_rows--{key}--seed{seed}", {300: mix}, 200)
+        write_run(tmp_path / f"iql_edis--{key}--seed{seed}", {300: edis}, 200)
+        write_run(tmp_path / f"iql_edis_unguided--{key}--seed{seed}", {300: unguided}, 200)
+    write_run(tmp_path / f"iql_edis_reference--{key}--seed0", {300: 60.0}, 200)  # another loop: not paired
+    result = finetune("report", "--log-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    samples = result.stdout.split("What the generated samples do, apart from the batch mix:")[1].split("\n\n")[1]
+    rows = [line for line in samples.splitlines() if line.startswith("| cpu/")]
+    # iql_edis: 20 - 30 and 36 - 40; unguided: 25 - 30 and 38 - 40 (one evaluation: final = last 3)
+    assert rows == ["| cpu/walker2d-medium-replay | iql_edis | -7.0 ± 3.0 (2 paired seeds) | "
+                    "-7.0 ± 3.0 (2 paired seeds) |",
+                    "| cpu/walker2d-medium-replay | iql_edis_unguided | -3.5 ± 1.5 (2 paired seeds) | "
+                    "-3.5 ± 1.5 (2 paired seeds) |"]
