@@ -361,10 +361,13 @@ class TransitionDiffusion:
     every level where it calls the denoiser (the energies' negatives come from there).
     """
 
-    def __init__(self, dim: int, config: EDISConfig, device: torch.device):
+    def __init__(self, dim: int, config: EDISConfig, device: torch.device, raw_columns: int = 0):
         self.dim, self.config, self.device = dim, config, device
         self.mean = torch.zeros(dim, device=device)
         self.std = torch.ones(dim, device=device)
+        # The last raw_columns columns (the 0/1 terminal flag) are modelled as they are: standardised, a flag
+        # set on 0.6% of rows would sit 10+ stds out and be both hard to model and dropped as out of range.
+        self.standardised = torch.arange(dim, device=device) < dim - raw_columns
         self.reset_weights()
 
     def reset_weights(self) -> None:
@@ -395,7 +398,8 @@ class TransitionDiffusion:
     def fit(self, data: torch.Tensor, steps: int, desc: str = "diffusion") -> float:
         """Trains the denoiser on raw transitions (the standardisation is refit on them); returns the last loss."""
         config = self.config
-        self.mean, self.std = data.mean(0), data.std(0) + 1e-3
+        self.mean = torch.where(self.standardised, data.mean(0), 0.0)
+        self.std = torch.where(self.standardised, data.std(0) + 1e-3, 1.0)
         normalized = self.normalize(data)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(steps, 1))
         for group in self.optimizer.param_groups:
@@ -678,7 +682,7 @@ class EDIS:
                  reward_scale: float, reward_bias: float):
         self.config, self.device, self.max_action = config, device, max_action
         self.layout = TransitionLayout(state_dim, action_dim, config.include_terminal)
-        self.diffusion = TransitionDiffusion(self.layout.dim, config, device)
+        self.diffusion = TransitionDiffusion(self.layout.dim, config, device, int(config.include_terminal))
         self.energies = TransitionEnergies(self.layout, config, device)
         columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1}
         self.generated = ReplayBuffer(config.num_samples, columns, device)
@@ -768,6 +772,8 @@ class EDIS:
         guided = guided[in_range]
         log["edis/dropped_out_of_range"] = float(config.num_samples - len(guided))
         generated = self.layout.split(guided)
+        if config.include_terminal:  # the data's share is about 1 / mean episode length
+            log["edis/generated_terminal_share"] = float(generated["dones"].mean())
         generated["actions"] = generated["actions"].clamp(-self.max_action, self.max_action)
         self.generated.size = self.generated.pointer = 0  # the new samples replace the old ones
         self.generated.add_batch(**generated)

@@ -11,6 +11,8 @@ checkpoint online, so the variants differ only in what happens online:
     iql_edis_offline_rows  the paper's loop with real offline rows where generated rows would go (no
                         diffusion model): what the batch mix does without the samples, so that the
                         samples' own effect is iql_edis minus this
+    iql_edis_terminals  IQL-EDIS with the terminal flag modelled (--edis.include_terminal true): the
+                        default, as in the public code, gives every generated row done = 0
     calql, calql_edis, calql_edis_unguided, calql_edis_offline_rows   the same for Cal-QL
 
     python benchmarks/finetune.py run --configs configs/cpu/hopper-medium-replay.yaml --seeds 0 1 2 3 4 \\
@@ -51,6 +53,7 @@ VARIANTS = {
     "iql_edis_unguided": ("iql_edis", "iql_edis", UNGUIDED),
     "iql_edis_reference": ("iql_edis", "iql_edis", ["--edis.replay", "reference"]),
     "iql_edis_offline_rows": ("iql_edis", "iql_edis", OFFLINE_ROWS),
+    "iql_edis_terminals": ("iql_edis", "iql_edis", ["--edis.include_terminal", "true"]),
     "calql": ("calql", "calql_edis", []),
     "calql_edis": ("calql_edis", "calql_edis", []),
     "calql_edis_unguided": ("calql_edis", "calql_edis", UNGUIDED),

@@ -50,6 +50,22 @@ def test_guidance_moves_samples_to_the_positive_mode(edis):
     assert guided_share > 0.8, (guided_share, unguided_share)  # measured: 0.986 against 0.524
 
 
+def test_terminal_flag_is_modelled_raw_so_terminal_rows_survive_the_range_filter(edis):
+    """Locomotion data end 0.5-1% of their transitions in a fall. Standardised, such a flag would sit 10+ stds
+    out: every generated terminal row would be dropped as out of range, and the sampler would learn done = 0."""
+    torch.manual_seed(0)
+    layout = edis.TransitionLayout(2, 1, True)
+    data = torch.randn(20_000, layout.dim) * 3.0 + 1.0
+    data[:, -1] = (torch.arange(20_000) % 200 == 0).float()  # 0.5% terminal rows
+    diffusion = edis.TransitionDiffusion(layout.dim, small_config(edis), torch.device("cpu"), raw_columns=1)
+    diffusion.fit(data, 0)
+    normalized = diffusion.normalize(data)
+    assert torch.equal(normalized[:, -1], data[:, -1])  # the flag stays 0 / 1
+    assert normalized[:, :-1].mean(0).abs().max() < 1e-4 and (normalized[:, :-1].std(0) - 1).abs().max() < 1e-3
+    terminal_rows = normalized[data[:, -1] == 1]
+    assert (terminal_rows.abs() <= edis.EDISConfig().drop_beyond_std).all(dim=1).float().mean() > 0.99
+
+
 def test_each_energy_guides_only_its_block(edis):
     torch.manual_seed(0)
     layout = edis.TransitionLayout(3, 2, True)  # s: 0-2, a: 3-4, (r, s', done): 5-9
@@ -227,6 +243,8 @@ def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, fits, u
             assert record[f"edis/time_{part}_s"] > 0
         assert {"edis/energy_loss_state", "edis/energy_loss_policy", "edis/energy_loss_transition"} <= set(record)
         assert record["edis/generated"] == 300
+        if "--edis.include_terminal" in options:  # the modelled flag: the share of generated rows that end
+            assert 0 <= record["edis/generated_terminal_share"] <= 1
 
 
 def test_edis_without_guidance_is_unguided_replay(edis, tmp_path):
