@@ -759,19 +759,20 @@ class EDIS:
         if log_prob is not None:
             mean, error = mean_and_standard_error(log_prob.cpu().numpy())
             metrics[f"edis/policy_loglik_{label}"], metrics[f"edis/policy_loglik_{label}_se"] = mean, error
-        raw = {name: batch[name].cpu().numpy() for name in ("states", "actions", "next_states", "rewards")}
+        raw = {name: batch[name].cpu().numpy() for name in ("states", "actions", "next_states", "rewards", "dones")}
         errors = dynamics_errors(
             self.fidelity_env, raw["states"] * self.state_std + self.state_mean, raw["actions"],
             raw["next_states"] * self.state_std + self.state_mean,
-            (raw["rewards"][:, 0] - self.reward_bias) / self.reward_scale, data_std["next_states"],
-            data_std["rewards"])
+            (raw["rewards"][:, 0] - self.reward_bias) / self.reward_scale, raw["dones"][:, 0],
+            data_std["next_states"], data_std["rewards"])
         if errors is None:
             if not self.fidelity_note_shown:
                 print("note: dynamics fidelity is skipped: this env's observation does not determine its "
                       "simulator state", file=sys.stderr)
                 self.fidelity_note_shown = True
             return metrics
-        for name, values in zip(("dynamics_state_mse", "dynamics_reward_mae"), errors, strict=True):
+        for name, values in zip(("dynamics_state_mse", "dynamics_reward_mae", "dynamics_terminal_error"), errors,
+                                strict=True):
             mean, error = mean_and_standard_error(values)
             metrics[f"edis/{name}_{label}"], metrics[f"edis/{name}_{label}_se"] = mean, error
         return metrics
@@ -1322,14 +1323,16 @@ def rbf_mmd(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def dynamics_errors(env: gym.Env, states: np.ndarray, actions: np.ndarray, next_states: np.ndarray,
-                    rewards: np.ndarray, next_state_std: np.ndarray, reward_std: float
-                    ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """Per row, the error of generated (s', r) against the simulator, in units of the data's std.
+                    rewards: np.ndarray, dones: np.ndarray, next_state_std: np.ndarray, reward_std: float
+                    ) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per row, the error of generated (s', r, done) against the simulator, (s', r) in units of the data's std.
 
     Hopper, Walker2d, HalfCheetah observe qpos without the x position, then qvel: set the
     simulator to each generated s (x = 0; rewards use x differences only), step the generated a.
-    Returns (mean over dimensions of the squared s' error / next_state_std^2, |r error| / reward_std),
-    so that numbers compare across envs, or None where the observation does not give the state.
+    Returns (mean over dimensions of the squared s' error / next_state_std^2, |r error| / reward_std,
+    1 where the generated done flag is not the simulator's termination), so that numbers compare across
+    envs, or None where the observation does not give the state. With done = 0 on every generated row,
+    the last is the share of rows that hide a fall.
     """
     base = env.unwrapped
     if not (env.spec is not None and env.spec.id.split("-")[0] in ("Hopper", "Walker2d", "HalfCheetah")):
@@ -1337,12 +1340,13 @@ def dynamics_errors(env: gym.Env, states: np.ndarray, actions: np.ndarray, next_
     env.reset(seed=0)
     nq = base.model.nq
     true_next_states, true_rewards = np.empty_like(next_states), np.empty(len(rewards))
+    true_dones = np.empty(len(rewards))
     for i, (state, action) in enumerate(zip(states, actions, strict=True)):
         base.set_state(np.concatenate([[0.0], state[:nq - 1]]), state[nq - 1:])
-        true_next_states[i], true_rewards[i], *_ = base.step(np.clip(action, env.action_space.low,
-                                                                     env.action_space.high))
+        true_next_states[i], true_rewards[i], true_dones[i], *_ = base.step(
+            np.clip(action, env.action_space.low, env.action_space.high))
     state_errors = np.mean(((true_next_states - next_states) / next_state_std) ** 2, axis=1)
-    return state_errors, np.abs(true_rewards - rewards) / reward_std
+    return state_errors, np.abs(true_rewards - rewards) / reward_std, (true_dones != (dones > 0.5)).astype(float)
 
 
 def mean_and_standard_error(values: np.ndarray) -> Tuple[float, float]:

@@ -235,6 +235,7 @@ def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, fits, u
                 assert np.isfinite(record[f"edis/{metric}_{kind}"]), (metric, kind)
             for metric in ("policy_loglik", "dynamics_state_mse", "dynamics_reward_mae"):
                 assert record[f"edis/{metric}_{kind}_se"] > 0, (metric, kind)
+            assert 0 <= record[f"edis/dynamics_terminal_error_{kind}"] <= 1
         for energy in ("state", "policy", "transition"):
             assert record[f"edis/guidance_norm_{energy}"] > 0
             assert 0 <= record[f"edis/guidance_clipped_{energy}"] <= 1
