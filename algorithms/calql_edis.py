@@ -70,6 +70,7 @@ class EDISConfig:
     refresh_fit_steps: int = 10_000  # denoiser updates on offline + online data at each refresh
     num_samples: int = 100_000  # transitions generated at each refresh (they replace the previous ones)
     include_terminal: bool = False  # also model the terminal flag (rounded at 0.5 after sampling); else done = 0
+    simulator_labels: bool = False  # diagnostic: generated (s, a) get the simulator's (r, s', done), not the model's
     width: int = 1024  # width of the residual-MLP denoiser
     blocks: int = 6  # residual blocks of the denoiser
     time_embedding_dim: int = 256  # random Fourier features of the noise level
@@ -691,6 +692,9 @@ class EDIS:
         self.reward_scale, self.reward_bias = reward_scale, reward_bias
         self.refreshes = 0
         self.fidelity_note_shown = False
+        if config.simulator_labels and not observation_gives_state(fidelity_env):
+            raise UserError(f"edis.simulator_labels needs an env whose observation gives its simulator state "
+                            f"({', '.join(STATE_FROM_OBSERVATION)}), not {fidelity_env.spec.id}")
 
     def state_dict(self) -> Dict[str, Any]:
         """Diffusion model (with its EMA, optimiser and standardisation) and energies, for checkpoints."""
@@ -775,6 +779,8 @@ class EDIS:
         if config.include_terminal:  # the data's share is about 1 / mean episode length
             log["edis/generated_terminal_share"] = float(generated["dones"].mean())
         generated["actions"] = generated["actions"].clamp(-self.max_action, self.max_action)
+        if config.simulator_labels:  # tells the model's dynamics errors from its choice of (s, a)
+            generated.update(self.simulator_labels(generated))
         self.generated.size = self.generated.pointer = 0  # the new samples replace the old ones
         self.generated.add_batch(**generated)
         log["edis/time_sampling_s"] = sampling_seconds + time.perf_counter() - start
@@ -793,6 +799,14 @@ class EDIS:
         for label, samples in (("guided", guided[:count]), ("unguided", unguided[:count])):
             log.update(self.alignment(label, self.layout.split(samples), reference_states, agent, data_std))
         return log
+
+    def simulator_labels(self, rows: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The simulator's (r, s', done) for each row's (s, a), in the agent's units (`edis.simulator_labels`)."""
+        states = rows["states"].cpu().numpy() * self.state_std + self.state_mean
+        next_states, rewards, terminated = simulator_steps(self.fidelity_env, states, rows["actions"].cpu().numpy())
+        labels = {"next_states": (next_states - self.state_mean) / self.state_std, "dones": terminated[:, None],
+                  "rewards": rewards[:, None] * self.reward_scale + self.reward_bias}
+        return {name: torch.as_tensor(value, dtype=torch.float32, device=self.device) for name, value in labels.items()}
 
     def alignment(self, label: str, batch: Dict[str, torch.Tensor], online_states: torch.Tensor,
                   agent: Any, data_std: Dict[str, Any]) -> Dict[str, float]:
@@ -1401,29 +1415,43 @@ def rbf_mmd(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean())
 
 
+STATE_FROM_OBSERVATION = ("Hopper", "Walker2d", "HalfCheetah")  # observe qpos without the x position, then qvel
+
+
+def observation_gives_state(env: gym.Env) -> bool:
+    return env.spec is not None and env.spec.id.split("-")[0] in STATE_FROM_OBSERVATION
+
+
+def simulator_steps(env: gym.Env, states: np.ndarray, actions: np.ndarray
+                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(s', r, terminated) of the simulator set to each raw s (x = 0: rewards use x differences only), stepping a.
+
+    Only for envs where `observation_gives_state`.
+    """
+    base = env.unwrapped
+    env.reset(seed=0)
+    nq = base.model.nq
+    next_states, rewards, terminated = np.empty_like(states), np.empty(len(states)), np.empty(len(states))
+    for i, (state, action) in enumerate(zip(states, actions, strict=True)):
+        base.set_state(np.concatenate([[0.0], state[:nq - 1]]), state[nq - 1:])
+        next_states[i], rewards[i], terminated[i], *_ = base.step(
+            np.clip(action, env.action_space.low, env.action_space.high))
+    return next_states, rewards, terminated
+
+
 def dynamics_errors(env: gym.Env, states: np.ndarray, actions: np.ndarray, next_states: np.ndarray,
                     rewards: np.ndarray, dones: np.ndarray, next_state_std: np.ndarray, reward_std: float
                     ) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per row, the error of generated (s', r, done) against the simulator, (s', r) in units of the data's std.
 
-    Hopper, Walker2d, HalfCheetah observe qpos without the x position, then qvel: set the
-    simulator to each generated s (x = 0; rewards use x differences only), step the generated a.
     Returns (mean over dimensions of the squared s' error / next_state_std^2, |r error| / reward_std,
     1 where the generated done flag is not the simulator's termination), so that numbers compare across
     envs, or None where the observation does not give the state. With done = 0 on every generated row,
     the last is the share of rows that hide a fall.
     """
-    base = env.unwrapped
-    if not (env.spec is not None and env.spec.id.split("-")[0] in ("Hopper", "Walker2d", "HalfCheetah")):
+    if not observation_gives_state(env):
         return None
-    env.reset(seed=0)
-    nq = base.model.nq
-    true_next_states, true_rewards = np.empty_like(next_states), np.empty(len(rewards))
-    true_dones = np.empty(len(rewards))
-    for i, (state, action) in enumerate(zip(states, actions, strict=True)):
-        base.set_state(np.concatenate([[0.0], state[:nq - 1]]), state[nq - 1:])
-        true_next_states[i], true_rewards[i], true_dones[i], *_ = base.step(
-            np.clip(action, env.action_space.low, env.action_space.high))
+    true_next_states, true_rewards, true_dones = simulator_steps(env, states, actions)
     state_errors = np.mean(((true_next_states - next_states) / next_state_std) ** 2, axis=1)
     return state_errors, np.abs(true_rewards - rewards) / reward_std, (true_dones != (dones > 0.5)).astype(float)
 

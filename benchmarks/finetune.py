@@ -13,7 +13,11 @@ checkpoint online, so the variants differ only in what happens online:
                         samples' own effect is iql_edis minus this
     iql_edis_terminals  IQL-EDIS with the terminal flag modelled (--edis.include_terminal true): the
                         default, as in the public code, gives every generated row done = 0
-    calql, calql_edis, calql_edis_unguided, calql_edis_offline_rows   the same for Cal-QL
+    iql_edis_simulator_labels  IQL-EDIS whose generated (s, a) get the simulator's (r, s', done)
+                        (--edis.simulator_labels true; Hopper, Walker2d, HalfCheetah): a diagnostic that
+                        tells what the model's dynamics errors cost from what its choice of (s, a) does
+    calql, calql_edis, calql_edis_unguided, calql_edis_offline_rows, calql_edis_terminals,
+    calql_edis_simulator_labels   the same for Cal-QL
 
     python benchmarks/finetune.py run --configs configs/cpu/hopper-medium-replay.yaml --seeds 0 1 2 3 4 \\
         --variants iql iql_edis iql_edis_unguided iql_edis_reference -- --wandb_mode disabled
@@ -46,6 +50,8 @@ UNGUIDED = ["--edis.guidance_state", "0", "--edis.guidance_transition", "0", "--
 # No refresh ever comes and nothing is fitted, so the offline rows that stand in for generated ones until the
 # first refresh stay in every online batch, at the same share.
 OFFLINE_ROWS = ["--edis.refresh_every", "1000000000", "--edis.initial_fit_steps", "0"]
+TERMINALS = ["--edis.include_terminal", "true"]
+SIMULATOR_LABELS = ["--edis.simulator_labels", "true"]
 # variant: (script, the EDIS algorithm whose settings it runs with, extra options)
 VARIANTS = {
     "iql": ("iql", "iql_edis", []),
@@ -53,11 +59,14 @@ VARIANTS = {
     "iql_edis_unguided": ("iql_edis", "iql_edis", UNGUIDED),
     "iql_edis_reference": ("iql_edis", "iql_edis", ["--edis.replay", "reference"]),
     "iql_edis_offline_rows": ("iql_edis", "iql_edis", OFFLINE_ROWS),
-    "iql_edis_terminals": ("iql_edis", "iql_edis", ["--edis.include_terminal", "true"]),
+    "iql_edis_terminals": ("iql_edis", "iql_edis", TERMINALS),
+    "iql_edis_simulator_labels": ("iql_edis", "iql_edis", SIMULATOR_LABELS),
     "calql": ("calql", "calql_edis", []),
     "calql_edis": ("calql_edis", "calql_edis", []),
     "calql_edis_unguided": ("calql_edis", "calql_edis", UNGUIDED),
     "calql_edis_offline_rows": ("calql_edis", "calql_edis", OFFLINE_ROWS),
+    "calql_edis_terminals": ("calql_edis", "calql_edis", TERMINALS),
+    "calql_edis_simulator_labels": ("calql_edis", "calql_edis", SIMULATOR_LABELS),
 }
 # Fields that name or place a run rather than define the algorithm.
 NOT_SETTINGS = {"seed", "name", "group", "project", "log_dir", "checkpoints_path", "load_model", "wandb_mode", "edis"}
@@ -251,16 +260,24 @@ def report(args: argparse.Namespace) -> int:
     table = "\n".join(lines)
 
     # The paper's loop replaces offline rows by generated ones at the same share of each batch: against
-    # <family>_offline_rows, a paper-loop variant's change is what its samples do, apart from the mix.
-    samples = ["| config | variant | change over offline rows at the same mix (final) | (last 3) |",
-               "|---|---|---|---|"]
-    for (key, variant), seeds in sorted(runs.items()):
-        family = VARIANTS[variant][1]
-        if variant in (family, f"{family}_unguided") and (key, f"{family}_offline_rows") in runs:
-            change = changes(seeds, runs[(key, f"{family}_offline_rows")])
-            samples.append(f"| {key} | {variant} | {change[0]} | {change[1]} |")
-    if len(samples) > 2:
-        table += "\n\nWhat the generated samples do, apart from the batch mix:\n\n" + "\n".join(samples)
+    # <family>_offline_rows, a paper-loop variant's change is what its samples do, apart from the mix. Against
+    # <family>_simulator_labels (the same samples' (s, a) with the simulator's (r, s', done)), the change is what
+    # the model's dynamics errors cost.
+    paired_tables = [
+        ("offline_rows", ("", "_unguided", "_terminals", "_simulator_labels"),
+         "What the generated samples do, apart from the batch mix:", "change over offline rows at the same mix"),
+        ("simulator_labels", ("",), "What the model's (r, s', done) cost, against the simulator's for the same "
+         "kind of samples:", "change over simulator labels"),
+    ]
+    for against, suffixes, heading, column in paired_tables:
+        rows = [f"| config | variant | {column} (final) | (last 3) |", "|---|---|---|---|"]
+        for (key, variant), seeds in sorted(runs.items()):
+            family = VARIANTS[variant][1]
+            if variant in [family + suffix for suffix in suffixes] and (key, f"{family}_{against}") in runs:
+                change = changes(seeds, runs[(key, f"{family}_{against}")])
+                rows.append(f"| {key} | {variant} | {change[0]} | {change[1]} |")
+        if len(rows) > 2:
+            table += f"\n\n{heading}\n\n" + "\n".join(rows)
 
     fidelity = ["| config | variant | refreshes | metric | guided | unguided |", "|---|---|---|---|---|---|"]
     for (key, variant), seeds in sorted(runs.items()):

@@ -248,6 +248,43 @@ def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, fits, u
             assert 0 <= record["edis/generated_terminal_share"] <= 1
 
 
+def test_simulator_labels_give_generated_rows_the_simulators_dynamics(edis, tmp_path, monkeypatch):
+    """edis.simulator_labels: each generated (s, a) is stepped in the simulator, which sets its (r, s', done)."""
+    generated = []
+    refresh = edis.EDIS.refresh
+
+    def keep_generated_rows(self, *args):
+        log = refresh(self, *args)
+        size = len(self.generated)
+        raw = {name: column[:size].cpu().numpy() for name, column in self.generated.data.items()}
+        raw["states"], raw["next_states"] = (raw[name] * self.state_std + self.state_mean
+                                             for name in ("states", "next_states"))
+        raw["rewards"] = (raw["rewards"][:, 0] - self.reward_bias) / self.reward_scale
+        generated.append(raw)
+        return log
+
+    monkeypatch.setattr(edis.EDIS, "refresh", keep_generated_rows)
+    assert edis.main(["--dataset", "random:Hopper-v5:1000", *TINY_EDIS, "--log_dir", str(tmp_path), "--name", "run",
+                      "--edis.simulator_labels", "true"]) == 0
+    rows = generated[-1]
+    env = edis.gym.make("Hopper-v5")
+    state_errors, reward_errors, terminal_errors = edis.dynamics_errors(
+        env, rows["states"], rows["actions"], rows["next_states"], rows["rewards"], rows["dones"][:, 0],
+        np.ones(rows["states"].shape[1]), 1.0)
+    env.close()
+    # float32 storage and standardisation are all that separate them (the model's own rows: errors above 0.1)
+    assert state_errors.max() < 1e-6 and reward_errors.max() < 1e-3 and terminal_errors.max() == 0
+    assert rows["dones"].any(), "a model fitted for 50 steps proposes states where Hopper has fallen"
+
+
+def test_simulator_labels_need_an_env_whose_observation_is_its_state(tmp_path):
+    result = run_script("iql_edis", "--dataset", "random:Pendulum-v1:300", *TINY_EDIS, "--log_dir", str(tmp_path),
+                        "--edis.simulator_labels", "true")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: edis.simulator_labels needs an env whose observation gives its simulator state "
+        "(Hopper, Walker2d, HalfCheetah), not Pendulum-v1")
+
+
 def test_edis_without_guidance_is_unguided_replay(edis, tmp_path):
     """All three scales at 0: the SynthER-style ablation; no energy is trained."""
     code = edis.main(["--dataset", "random:Hopper-v5:1000", *TINY_EDIS, "--log_dir", str(tmp_path), "--name", "off",

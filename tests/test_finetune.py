@@ -94,13 +94,15 @@ def test_report_pairs_each_variant_with_its_base_per_seed(tmp_path):
 
 
 def test_report_tells_the_samples_effect_from_the_batch_mix(tmp_path):
-    """iql_edis and iql_edis_unguided are also paired with iql_edis_offline_rows (same loop, real rows)."""
+    """iql_edis and iql_edis_unguided are also paired with iql_edis_offline_rows (same loop, real rows), and
+    iql_edis with iql_edis_simulator_labels (the same loop, the simulator's (r, s', done))."""
     key = "cpu__walker2d-medium-replay"
     for seed, (mix, edis, unguided) in enumerate([(30.0, 20.0, 25.0), (40.0, 36.0, 38.0)]):
         write_run(tmp_path / f"iql--{key}--seed{seed}", {300: 50.0}, 200)
         write_run(tmp_path / f"iql_edis_offline_rows--{key}--seed{seed}", {300: mix}, 200)
         write_run(tmp_path / f"iql_edis--{key}--seed{seed}", {300: edis}, 200)
         write_run(tmp_path / f"iql_edis_unguided--{key}--seed{seed}", {300: unguided}, 200)
+    write_run(tmp_path / f"iql_edis_simulator_labels--{key}--seed1", {300: 46.0}, 200)
     write_run(tmp_path / f"iql_edis_reference--{key}--seed0", {300: 60.0}, 200)  # another loop: not paired
     result = finetune("report", "--log-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -109,5 +111,11 @@ def test_report_tells_the_samples_effect_from_the_batch_mix(tmp_path):
     # iql_edis: 20 - 30 and 36 - 40; unguided: 25 - 30 and 38 - 40 (one evaluation: final = last 3)
     assert rows == ["| cpu/walker2d-medium-replay | iql_edis | -7.0 ± 3.0 (2 paired seeds) | "
                     "-7.0 ± 3.0 (2 paired seeds) |",
+                    "| cpu/walker2d-medium-replay | iql_edis_simulator_labels | 6.0 (1 paired seeds) | "
+                    "6.0 (1 paired seeds) |",
                     "| cpu/walker2d-medium-replay | iql_edis_unguided | -3.5 ± 1.5 (2 paired seeds) | "
                     "-3.5 ± 1.5 (2 paired seeds) |"]
+    dynamics = result.stdout.split("What the model's (r, s', done) cost")[1].split("\n\n")[1]
+    # iql_edis 36 against simulator labels 46 on seed 1, the one seed both have
+    assert [line for line in dynamics.splitlines() if line.startswith("| cpu/")] == [
+        "| cpu/walker2d-medium-replay | iql_edis | -10.0 (1 paired seeds) | -10.0 (1 paired seeds) |"]
