@@ -291,7 +291,7 @@ def report(args: argparse.Namespace) -> int:
     note = ("Scores: D4RL-normalised x 100 (raw return where the data has no reference returns), mean ± std over "
             "seeds. Offline: the shared pretraining run's final evaluation. Change over base: per seed, the variant's "
             "final score (or mean of its last 3 evaluations) minus its base's (iql or calql) from the same checkpoint. "
-            "Fidelity: mean ± std over every "
+            "Fidelity: the model's own samples (before any simulator labels), mean ± std over every "
             "refresh of every seed; state_mmd lower is closer to the online states, policy_loglik higher is closer "
             "to the current policy, dynamics errors (in units of the data's std) lower is more faithful, "
             "dynamics_terminal_error: share of rows whose done flag is not the simulator's termination.")
