@@ -30,11 +30,13 @@ metrics at the refreshes) and the learning curves.
 """
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
 import os
 import shlex
+import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -172,20 +174,92 @@ def plan(args: argparse.Namespace) -> List[tuple]:
     return jobs
 
 
+def weights_fingerprint(checkpoint: Path) -> str:
+    """sha256 of the agent's tensors in a checkpoint (the file's bytes also hold its name and paths)."""
+    import torch
+
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        if torch.is_tensor(value):
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(str(key).encode())
+                add(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                add(item)
+        else:
+            digest.update(repr(value).encode())
+
+    add(torch.load(checkpoint, map_location="cpu", weights_only=False)["agent"])
+    return digest.hexdigest()
+
+
+class Fingerprints:
+    """log_dir/checkpoint-fingerprints.json: the weights every fine-tuning run of a seed started from.
+
+    The run records (summary.json, metrics.jsonl) are small and worth keeping, the checkpoints are not: on a
+    fresh machine a sweep finds pretraining runs that finished but left no checkpoint. Such a run is made
+    again (one thread is deterministic on a given machine and library version), and its new checkpoint must
+    have the fingerprint that the seed's earlier fine-tuning runs started from, or nothing is fine-tuned on it.
+    """
+
+    def __init__(self, log_dir: Path):
+        self.path = log_dir / "checkpoint-fingerprints.json"
+        self.recorded: Dict[str, str] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def check(self, name: str, checkpoint: Path) -> Optional[str]:
+        """Records a new checkpoint's fingerprint; an error if it differs from the recorded one."""
+        fingerprint = weights_fingerprint(checkpoint)
+        recorded = self.recorded.setdefault(name, fingerprint)
+        if recorded != fingerprint:
+            return (f"its checkpoint {checkpoint} is not the one that this seed's earlier fine-tuning runs started "
+                    f"from (weights {fingerprint[:12]}, recorded {recorded[:12]} in {self.path}); fine-tuning it "
+                    f"would mix two checkpoints in one seed: move that seed's runs elsewhere to start it afresh")
+        partial = self.path.with_name(self.path.name + ".part")
+        partial.write_text(json.dumps(self.recorded, indent=1, sort_keys=True) + "\n")
+        os.replace(partial, self.path)
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     jobs = plan(args)
+    log_dir = Path(args.log_dir)
+    checkpoints = {need: Path(command[command.index("--load_model") + 1]) for _, command, need in jobs if need}
+    unfinished_needs = {need for name, _, need in jobs if need and not (log_dir / name / "summary.json").is_file()}
     if args.pretrain_only:
         jobs = [job for job in jobs if job[2] is None]
     if args.print_commands:
         for _, command, _ in jobs:
             print(shlex.join(command))
         return 0
+    fingerprints = Fingerprints(log_dir)
+    for name, checkpoint in checkpoints.items():
+        finished = (log_dir / name / "summary.json").is_file()
+        if finished and checkpoint.is_file():
+            problem = fingerprints.check(name, checkpoint)
+            if problem:
+                print(f"error: {name}: {problem}", file=sys.stderr)
+                return 2
+        elif finished and name in unfinished_needs:
+            superseded = log_dir / "superseded" / name
+            shutil.rmtree(superseded, ignore_errors=True)
+            superseded.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(log_dir / name, superseded)
+            print(f"{name}: finished before, but its checkpoint {checkpoint} is gone: pretraining it again "
+                  f"(its earlier record moved to {superseded})")
+
+    def check(name: str) -> Optional[str]:
+        return fingerprints.check(name, checkpoints[name]) if name in checkpoints else None
+
     pretraining = sum(need is None for _, _, need in jobs)
     print(f"pretraining: {pretraining} run(s), fine-tuning: {len(jobs) - pretraining} run(s)")
     # One queue: each fine-tuning run starts as soon as its own pretraining run has finished.
     needs = {name: need for name, _, need in jobs if need is not None}
-    return run_jobs([(name, command) for name, command, _ in jobs], Path(args.log_dir), args.workers,
-                    args.threads_per_run, needs, retries=args.retries)
+    return run_jobs([(name, command) for name, command, _ in jobs], log_dir, args.workers,
+                    args.threads_per_run, needs, retries=args.retries, check=check)
 
 
 # ---------------------------------------------------------------------------------------------

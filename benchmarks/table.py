@@ -40,7 +40,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -135,13 +135,16 @@ def killed_by_the_system(code: int) -> bool:
 
 
 def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: int,
-             needs: Optional[Dict[str, str]] = None, retries: int = 2) -> int:
+             needs: Optional[Dict[str, str]] = None, retries: int = 2,
+             check: Optional[Callable[[str], Optional[str]]] = None) -> int:
     """Runs (name, command) jobs, `workers` at a time; a job whose log_dir/name/summary.json exists is skipped.
 
     A run that died in an earlier sweep resumes from its snapshot (`--resume`), or starts over where it left
     none. A run killed by a signal is tried again, resuming, up to `retries` times; a run that fails by its
     own error is not. `needs` maps a job to the job it waits for (a fine-tuning run on its pretraining
     run): it starts as soon as that one has finished, and fails without starting if that one failed.
+    `check(name)` runs after a job exits 0 and before any job that needs it starts: an error it returns
+    fails the job (so nothing that needs it starts).
     Each run's output goes to log_dir/name.log; failures are listed at the end. Returns the exit code.
     """
     needs = needs or {}
@@ -198,13 +201,15 @@ def run_jobs(jobs: List[tuple], log_dir: Path, workers: int, threads_per_run: in
                     pending.insert(0, (name, command))
                     continue
                 done = total - len(pending) - len(running)
-                if code == 0:
+                problem = check(name) if code == 0 and check is not None else None
+                if code == 0 and problem is None:
                     print(f"[{done}/{total}] {name}: finished in {time.time() - started:.0f} s", flush=True)
                 else:
-                    error = last_error_line(log_dir / f"{name}.log")
+                    error = problem or last_error_line(log_dir / f"{name}.log")
                     failures.append((name, code, error))
                     failed.add(name)
-                    print(f"[{done}/{total}] {name}: failed (exit {code})", flush=True)
+                    outcome = f"finished, but {problem}" if problem else f"failed (exit {code})"
+                    print(f"[{done}/{total}] {name}: {outcome}", flush=True)
     except KeyboardInterrupt:
         for process, log, _, _ in running.values():
             process.kill()

@@ -2,6 +2,7 @@
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,38 @@ def test_report_tells_the_samples_effect_from_the_batch_mix(tmp_path):
     # iql_edis 36 against simulator labels 46 on seed 1, the one seed both have
     assert [line for line in dynamics.splitlines() if line.startswith("| cpu/")] == [
         "| cpu/walker2d-medium-replay | iql_edis | -10.0 (1 paired seeds) | -10.0 (1 paired seeds) |"]
+
+
+def test_a_sweep_on_a_fresh_machine_remakes_a_lost_checkpoint_and_refuses_a_different_one(tmp_path):
+    """Only the run records are kept (summary.json, metrics.jsonl): a pretraining run whose checkpoint is gone
+    is run again for the fine-tuning runs still to do, and must give the weights the earlier ones started from."""
+    log_dir = tmp_path / "sweep"
+    tiny = ["--dataset", "random:Hopper-v5:600", "--offline_iterations", "30", "--offline_eval_freq", "30",
+            "--online_iterations", "20", "--eval_freq", "20", "--n_episodes", "1", "--batch_size", "16",
+            "--log_freq", "10", "--wandb_mode", "disabled", "--device", "cpu"]
+    sweep = ["run", "--configs", "configs/cpu/hopper-medium-replay.yaml", "--seeds", "0", "--variants", "iql",
+             "--log-dir", str(log_dir), "--workers", "1", "--", *tiny]
+    key = "cpu__hopper-medium-replay"
+    pretraining, finetuning = log_dir / f"pretrain-iql--{key}--seed0", log_dir / f"iql--{key}--seed0"
+    assert finetune(*sweep).returncode == 0
+    recorded = json.loads((log_dir / "checkpoint-fingerprints.json").read_text())
+    assert list(recorded) == [pretraining.name]
+
+    # A fresh machine: the records came back, the checkpoint did not, and one fine-tuning run is still to do.
+    shutil.rmtree(log_dir / "checkpoints")
+    shutil.rmtree(finetuning)
+    result = finetune(*sweep)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "its checkpoint" in result.stdout and "is gone: pretraining it again" in result.stdout
+    assert (finetuning / "summary.json").is_file() and (log_dir / "superseded" / pretraining.name).is_dir()
+    assert json.loads((log_dir / "checkpoint-fingerprints.json").read_text()) == recorded  # the same weights
+
+    # Weights that differ from the recorded ones: nothing is fine-tuned on them, and the next sweep says why.
+    (log_dir / "checkpoint-fingerprints.json").write_text(json.dumps({pretraining.name: "0" * 64}))
+    shutil.rmtree(log_dir / "checkpoints")
+    shutil.rmtree(finetuning)
+    result = finetune(*sweep)
+    assert result.returncode == 1 and "is not the one that this seed's earlier fine-tuning runs" in result.stdout
+    assert not finetuning.exists()
+    again = finetune(*sweep)
+    assert again.returncode == 2 and again.stderr.startswith(f"error: {pretraining.name}: its checkpoint")
