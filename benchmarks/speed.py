@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -404,11 +405,12 @@ def online_command(args: argparse.Namespace) -> int:
             start, end = (run_dir / "config.yaml").stat().st_mtime, summary_path.stat().st_mtime
             paused = sum(max(0.0, min(end, b) - max(start, a)) for a, b in stopped.get(run_dir.name, []))
             summary = json.loads(summary_path.read_text())
+            steps = yaml.safe_load((run_dir / "config.yaml").read_text()).get("online_iterations")
             runs[tuple(parts)] = {"seconds": round(summary["online"]["wall_clock_s"] - paused, 2),
-                                  "paused_s": round(paused, 2), "resumed": resumed,
+                                  "paused_s": round(paused, 2), "resumed": resumed, "online_steps": steps,
                                   "threads": summary.get("machine", {}).get("torch_threads")}
     result: Dict[str, Any] = {"machine": machine(threads=False), "command": " ".join(sys.argv), "pairs": {},
-                              "left_out": []}
+                              "left_out": [], "note": args.note}
     for (variant, key, seed), run in sorted(runs.items()):
         base = "calql" if variant.startswith("calql") else "iql"
         if variant == base or (base, key, seed) not in runs:
@@ -420,10 +422,10 @@ def online_command(args: argparse.Namespace) -> int:
             continue
         result["pairs"].setdefault(pair, []).append(
             {"seed": seed, "variant_s": run["seconds"], "base_s": base_run["seconds"],
-             "ratio": round(run["seconds"] / base_run["seconds"], 3),
+             "ratio": round(run["seconds"] / base_run["seconds"], 3), "online_steps": run["online_steps"],
              "threads": {"variant": run["threads"], "base": base_run["threads"]},
              "paused_s": {"variant": run["paused_s"], "base": base_run["paused_s"]}})
-    path = Path(args.results) / "speed-online.json"
+    path = Path(args.results) / (f"speed-online-{args.name}.json" if args.name else "speed-online.json")
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}: {sum(len(v) for v in result['pairs'].values())} pair(s), "
           f"{len(result['left_out'])} left out")
@@ -634,27 +636,30 @@ def report_command(args: argparse.Namespace) -> int:
                 ratio_lines.append(f"- Fidelity, {label} against the reference settings ({path.name}): {changes}, "
                                    f"policy log-lik {loglik:+.2f} nats")
         body.append("")
-    online_path = results / "speed-online.json"
-    if online_path.is_file():
+    for online_path in sorted(results.glob("speed-online*.json")):
         online = json.loads(online_path.read_text())
         threads = sorted({str(count) for entries in online["pairs"].values() for entry in entries
                           for count in entry.get("threads", {}).values() if count is not None})
         threads_text = (f"torch threads per run, as the runs recorded them: {', '.join(threads)}" if threads else
                         "the runs did not record their torch threads: finetune.py's --threads-per-run, 1 by default")
-        body += ["## Online phase (configs/cpu, from finetune.py runs)", "",
+        body += [f"## Online phase (configs/cpu, from finetune.py runs; {online_path.name})", "",
                  f"`{online['command']}`, read on {online['machine']} ({threads_text}). "
                  "Each pair: one seed's EDIS variant and its base, "
                  "fine-tuned from the same checkpoint; seconds of the online phase, less any time the runs were "
-                 "stopped (`table.py pause`). Ratio: median over seeds of the per-seed ratio.", "",
-                 "| variant / base | seeds | variant s (mean) | base s (mean) | ratio (median) | per-seed ratios |",
-                 "|---|---|---|---|---|---|"]
+                 "stopped (`table.py pause`). Ratio: median over seeds of the per-seed ratio."
+                 + (f" {online['note']}" if online.get("note") else ""), "",
+                 "| variant / base | seeds | online steps | variant s (mean) | base s (mean) | ratio (median) "
+                 "| per-seed ratios |", "|---|---|---|---|---|---|---|"]
         for pair, entries in online["pairs"].items():
             variant = statistics.mean(entry["variant_s"] for entry in entries)
             base = statistics.mean(entry["base_s"] for entry in entries)
             ratio = statistics.median(entry["variant_s"] / entry["base_s"] for entry in entries)
             each = ", ".join(f"{entry['variant_s'] / entry['base_s']:.2f}" for entry in entries)
-            body.append(f"| {pair} | {len(entries)} | {variant:,.0f} | {base:,.0f} | {ratio:.2f} | {each} |")
-            ratio_lines.append(f"- Online phase, {pair}: **{ratio:.2f}x** its base (median of {len(entries)} seed(s))")
+            steps = ", ".join(sorted({f"{entry['online_steps']:,}" if entry.get("online_steps") else "not recorded"
+                                      for entry in entries}))
+            body.append(f"| {pair} | {len(entries)} | {steps} | {variant:,.0f} | {base:,.0f} | {ratio:.2f} | {each} |")
+            ratio_lines.append(f"- Online phase, {pair}: **{ratio:.2f}x** its base (median of {len(entries)} seed(s), "
+                               f"{steps} online steps; {online_path.name})")
         if online.get("left_out"):
             body += [""] + [f"- left out: {entry}" for entry in online["left_out"]]
         body.append("")
@@ -718,6 +723,8 @@ def main() -> int:
     fidelity.add_argument("options", nargs=argparse.REMAINDER, help="after --: options for the config")
     online = commands.add_parser("online", help="online-phase wall-clock of EDIS variants against their base")
     online.add_argument("--log-dir", nargs="+", required=True, help="finetune.py log directories")
+    online.add_argument("--name", default="", help="output: speed-online-<name>.json (default: speed-online.json)")
+    online.add_argument("--note", default="", help="what the runs were, for speed.md (their budgets, their purpose)")
     estimate = commands.add_parser("estimate", help="a paper-scale IQL-EDIS and Cal-QL-EDIS run, from measured costs")
     estimate.add_argument("--costs", nargs="+", required=True, help="speed-costs-*.json files (updates and refresh)")
     estimate.add_argument("--sizes", choices=list(SIZES), default="Hopper")

@@ -347,7 +347,7 @@ def test_online_ratios_take_stopped_time_off_and_leave_resumed_runs_out(tmp_path
     def finished_run(name: str, start: float, end: float, wall: float, resumed: bool = False) -> None:
         run_dir = tmp_path / name
         run_dir.mkdir()
-        (run_dir / "config.yaml").write_text("")
+        (run_dir / "config.yaml").write_text("online_iterations: 20000\n")
         (run_dir / "summary.json").write_text(json.dumps({"online": {"wall_clock_s": wall},
                                                           "machine": {"torch_threads": 1}}))
         os.utime(run_dir / "config.yaml", (start, start))
@@ -368,11 +368,12 @@ def test_online_ratios_take_stopped_time_off_and_leave_resumed_runs_out(tmp_path
         f"{stamp(1_000)} stop iql_edis--k--seed0 other\n{stamp(1_400)} cont iql_edis--k--seed0 other\n"
         f"{stamp(2_500)} stop iql_edis--k--seed0\n{stamp(2_800)} cont iql_edis--k--seed0\n")  # 100 s inside
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--results", str(tmp_path),
-                             "online", "--log-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+                             "online", "--log-dir", str(tmp_path), "--name", "short", "--note", "Timing runs."],
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    online = json.loads((tmp_path / "speed-online.json").read_text())
+    online = json.loads((tmp_path / "speed-online-short.json").read_text())
     assert online["pairs"] == {"iql_edis / iql (k)": [{
-        "seed": "seed0", "variant_s": 2_100.0, "base_s": 1_000.0, "ratio": 2.1,
+        "seed": "seed0", "variant_s": 2_100.0, "base_s": 1_000.0, "ratio": 2.1, "online_steps": 20_000,
         "threads": {"variant": 1, "base": 1}, "paused_s": {"variant": 500.0, "base": 0}}]}
     assert online["left_out"] == ["iql_edis / iql (k) seed1: resumed from a snapshot"]
     report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--results", str(tmp_path),
@@ -380,7 +381,11 @@ def test_online_ratios_take_stopped_time_off_and_leave_resumed_runs_out(tmp_path
     assert report.returncode == 0, report.stderr
     text = (tmp_path / "speed.md").read_text()
     assert "torch threads per run, as the runs recorded them: 1" in text
-    assert "| iql_edis / iql (k) | 1 | 2,100 | 1,000 | 2.10 | 2.10 |\n\n- left out: iql_edis / iql (k) seed1" in text
+    assert "stopped (`table.py pause`). Ratio: median over seeds of the per-seed ratio. Timing runs." in text
+    assert "| iql_edis / iql (k) | 1 | 20,000 | 2,100 | 1,000 | 2.10 | 2.10 |\n\n- left out: iql_edis / iql (k) seed1" \
+        in text
+    assert "- Online phase, iql_edis / iql (k): **2.10x** its base (median of 1 seed(s), 20,000 online steps; " \
+        "speed-online-short.json)" in text
 
 
 def test_speed_report_plots_fidelity_against_sampler_steps(tmp_path):
