@@ -154,9 +154,12 @@ def plan(args: argparse.Namespace) -> List[tuple]:
                 base = family.removesuffix("_edis")
                 overrides = overrides_of[(config, family)]
                 pretraining = pretrain_name(key, base, seed)
+                # --online_iterations 0 comes last: the options after -- (an online budget, say) are for every run,
+                # but a pretraining run never goes online.
                 command = ["python", f"algorithms/{base}.py", "--config", config, "--seed", str(seed),
-                           "--online_iterations", "0", "--name", pretraining, "--log_dir", args.log_dir,
-                           "--checkpoints_path", str(Path(args.log_dir) / "checkpoints"), *overrides, *base_extra]
+                           "--name", pretraining, "--log_dir", args.log_dir,
+                           "--checkpoints_path", str(Path(args.log_dir) / "checkpoints"), *overrides, *base_extra,
+                           "--online_iterations", "0"]
                 jobs.append((pretraining, command, None))
                 module = modules[base]
                 offline_iterations = module.parse_config(module.TrainConfig, module.CONFIG_SECTIONS,

@@ -25,12 +25,16 @@ def options(command: str) -> dict:
 def test_variants_share_one_checkpoint_and_the_edis_algorithms_settings(tmp_path):
     result = finetune("run", "--configs", "configs/cpu/hopper-medium-replay.yaml", "--seeds", "3", "--log-dir",
                       str(tmp_path), "--print-commands", "--variants", "iql", "iql_edis", "iql_edis_unguided",
-                      "iql_edis_reference", "--", "--edis.num_samples", "77", "--n_episodes", "2")
+                      "iql_edis_reference", "--", "--edis.num_samples", "77", "--n_episodes", "2",
+                      "--online_iterations", "900")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 5  # one pretraining run, four fine-tuning runs
     pretrain, base, edis, unguided, reference = (options(line) for line in lines)
-    assert lines[0].startswith("python algorithms/iql.py") and pretrain["--online_iterations"] == "0"
+    # The options after -- go to every run, but pretraining stays offline (the last --online_iterations wins).
+    assert lines[0].startswith("python algorithms/iql.py")
+    assert shlex.split(lines[0])[-2:] == ["--online_iterations", "0"]
+    assert all(run["--online_iterations"] == "900" for run in (base, edis, unguided, reference))
     # The base script runs with IQL-EDIS's settings from the config (beta 10, no reward normalisation).
     for run in (pretrain, base):
         assert (run["--beta"], run["--normalize_reward"], run["--n_episodes"]) == ("10.0", "false", "2")
