@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -409,7 +410,8 @@ def online_command(args: argparse.Namespace) -> int:
             runs[tuple(parts)] = {"seconds": round(summary["online"]["wall_clock_s"] - paused, 2),
                                   "paused_s": round(paused, 2), "resumed": resumed, "online_steps": steps,
                                   "threads": summary.get("machine", {}).get("torch_threads")}
-    result: Dict[str, Any] = {"machine": machine(threads=False), "command": " ".join(sys.argv), "pairs": {},
+    command = [word if word != args.note else "<the note below>" for word in sys.argv] if args.note else sys.argv
+    result: Dict[str, Any] = {"machine": machine(threads=False), "command": shlex.join(command), "pairs": {},
                               "left_out": [], "note": args.note}
     for (variant, key, seed), run in sorted(runs.items()):
         base = "calql" if variant.startswith("calql") else "iql"
@@ -657,9 +659,10 @@ def report_command(args: argparse.Namespace) -> int:
             each = ", ".join(f"{entry['variant_s'] / entry['base_s']:.2f}" for entry in entries)
             steps = ", ".join(sorted({f"{entry['online_steps']:,}" if entry.get("online_steps") else "not recorded"
                                       for entry in entries}))
+            steps_text = "online steps not recorded" if steps == "not recorded" else f"{steps} online steps"
             body.append(f"| {pair} | {len(entries)} | {steps} | {variant:,.0f} | {base:,.0f} | {ratio:.2f} | {each} |")
             ratio_lines.append(f"- Online phase, {pair}: **{ratio:.2f}x** its base (median of {len(entries)} seed(s), "
-                               f"{steps} online steps; {online_path.name})")
+                               f"{steps_text}; {online_path.name})")
         if online.get("left_out"):
             body += [""] + [f"- left out: {entry}" for entry in online["left_out"]]
         body.append("")
