@@ -747,9 +747,8 @@ class EDIS:
         if count < 2:  # everything was dropped: nothing to measure
             return log
         reference_states = recent["states"][-count:]
-        log["edis/state_mmd_offline"] = rbf_mmd(offline["states"][torch.randperm(len(offline["states"]),
-                                                                                  device=self.device)[:count]],
-                                                reference_states)
+        offline_states = offline["states"][torch.randperm(len(offline["states"]), device=self.device)[:count]]
+        log["edis/state_mmd_offline"] = rbf_mmd(offline_states, reference_states)
         # The dynamics errors are in units of the data's std, so that numbers compare across envs.
         data_std = {"next_states": offline["next_states"].std(0).cpu().numpy() * self.state_std + 1e-6,
                     "rewards": float(offline["rewards"].std()) / abs(self.reward_scale) + 1e-6}
@@ -769,16 +768,17 @@ class EDIS:
                   agent: Any, data_std: Dict[str, Any]) -> Dict[str, float]:
         """The three properties of generated data the paper claims, for one batch (means with standard errors)."""
         metrics = {f"edis/state_mmd_{label}": rbf_mmd(batch["states"], online_states)}
+        outside = batch["actions"].abs() > self.max_action  # action dimensions that are clamped onto the bounds
+        metrics[f"edis/actions_out_of_bounds_{label}"] = float(outside.float().mean())
         log_prob = policy_log_prob(agent, batch["states"], batch["actions"].clamp(-self.max_action, self.max_action))
         if log_prob is not None:
             mean, error = mean_and_standard_error(log_prob.cpu().numpy())
             metrics[f"edis/policy_loglik_{label}"], metrics[f"edis/policy_loglik_{label}_se"] = mean, error
         raw = {name: batch[name].cpu().numpy() for name in ("states", "actions", "next_states", "rewards", "dones")}
-        errors = dynamics_errors(
-            self.fidelity_env, raw["states"] * self.state_std + self.state_mean, raw["actions"],
-            raw["next_states"] * self.state_std + self.state_mean,
-            (raw["rewards"][:, 0] - self.reward_bias) / self.reward_scale, raw["dones"][:, 0],
-            data_std["next_states"], data_std["rewards"])
+        errors = dynamics_errors(self.fidelity_env, raw["states"] * self.state_std + self.state_mean, raw["actions"],
+                                 raw["next_states"] * self.state_std + self.state_mean,
+                                 (raw["rewards"][:, 0] - self.reward_bias) / self.reward_scale, raw["dones"][:, 0],
+                                 data_std["next_states"], data_std["rewards"])
         if errors is None:
             if not self.fidelity_note_shown:
                 print("note: dynamics fidelity is skipped: this env's observation does not determine its "

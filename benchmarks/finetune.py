@@ -72,7 +72,8 @@ VARIANTS = {
 }
 # Fields that name or place a run rather than define the algorithm.
 NOT_SETTINGS = {"seed", "name", "group", "project", "log_dir", "checkpoints_path", "load_model", "wandb_mode", "edis"}
-FIDELITY = ("state_mmd", "policy_loglik", "dynamics_state_mse", "dynamics_reward_mae", "dynamics_terminal_error")
+FIDELITY = ("state_mmd", "policy_loglik", "actions_out_of_bounds", "dynamics_state_mse", "dynamics_reward_mae",
+            "dynamics_terminal_error")
 
 
 def load_module(name: str) -> Any:
@@ -370,7 +371,8 @@ def report(args: argparse.Namespace) -> int:
             "final score (or mean of its last 3 evaluations) minus its base's (iql or calql) from the same checkpoint. "
             "Fidelity: the model's own samples (before any simulator labels), mean ± std over every "
             "refresh of every seed; state_mmd lower is closer to the online states, policy_loglik higher is closer "
-            "to the current policy, dynamics errors (in units of the data's std) lower is more faithful, "
+            "to the current policy, actions_out_of_bounds: share of action dimensions generated outside the "
+            "bounds (clamped onto them), dynamics errors (in units of the data's std) lower is more faithful, "
             "dynamics_terminal_error: share of rows whose done flag is not the simulator's termination.")
     text = f"{table}\n\n{chr(10).join(fidelity)}\n\n{note}\n"
     print(text)

@@ -236,6 +236,7 @@ def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, fits, u
             for metric in ("policy_loglik", "dynamics_state_mse", "dynamics_reward_mae"):
                 assert record[f"edis/{metric}_{kind}_se"] > 0, (metric, kind)
             assert 0 <= record[f"edis/dynamics_terminal_error_{kind}"] <= 1
+            assert 0 <= record[f"edis/actions_out_of_bounds_{kind}"] <= 1
         for energy in ("state", "policy", "transition"):
             assert record[f"edis/guidance_norm_{energy}"] > 0
             assert 0 <= record[f"edis/guidance_clipped_{energy}"] <= 1
@@ -246,6 +247,26 @@ def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, fits, u
         assert record["edis/generated"] == 300
         if "--edis.include_terminal" in options:  # the modelled flag: the share of generated rows that end
             assert 0 <= record["edis/generated_terminal_share"] <= 1
+
+
+def test_cal_ql_policy_log_likelihood_metric_is_not_set_by_clamped_actions(calql_edis):
+    # Generated actions beyond the bounds are clamped onto them; the tanh-Gaussian density there depends on how
+    # near the bound it is read. The metric reads it 1e-3 inside, so a clamped dimension costs a bounded amount.
+    torch.manual_seed(0)
+    config = calql_edis.TrainConfig()
+    agent = calql_edis.CalQL(config, state_dim=4, action_dim=2, max_action=2.0, device=torch.device("cpu"))
+    states = torch.randn(500, 4)
+    own_actions, own_log_prob = agent.actor(states)
+    assert torch.allclose(calql_edis.policy_log_prob(agent, states, own_actions[:, :1].expand(-1, 2).clamp(-1, 1)),
+                          agent.actor.log_prob(states, own_actions[:, :1].expand(-1, 2).clamp(-1, 1)), atol=1e-4)
+    at_bound = own_actions.clone()
+    at_bound[:, 0] = 2.0 * own_actions[:, 0].sign()  # one dimension clamped onto the bound in every row
+    metric = calql_edis.policy_log_prob(agent, states, at_bound)
+    just_inside = at_bound.clone()
+    just_inside[:, 0] *= 1 - 1e-3
+    assert torch.allclose(metric, agent.actor.log_prob(states, just_inside))
+    read_at_float_precision = agent.actor.log_prob(states, at_bound)
+    assert (metric - read_at_float_precision).mean() > 5  # what the clamped rows would have cost before
 
 
 def test_simulator_labels_give_generated_rows_the_simulators_dynamics(edis, tmp_path, monkeypatch):
