@@ -330,7 +330,9 @@ def test_pause_stops_only_the_runs_of_its_log_dir_and_logs_them(tmp_path):
         stop = subprocess.run([*table, "pause", "--log-dir", str(tmp_path / "runs")], capture_output=True, text=True)
         assert stop.returncode == 0 and "stopped 2 run(s): a, b" in stop.stdout, stop.stdout + stop.stderr
         time.sleep(0.2)
-        assert [process_state(process.pid) for process in started] == ["T", "T", "S"]
+        states = [process_state(process.pid) for process in started]
+        # The run of another log dir is not stopped: sleeping or, caught between two sleeps, running.
+        assert states[:2] == ["T", "T"] and states[2] in ("S", "R"), states
         subprocess.run([*table, "continue", "--log-dir", str(tmp_path / "runs")], check=True, capture_output=True)
         time.sleep(0.2)
         assert "T" not in [process_state(process.pid) for process in started]
