@@ -291,6 +291,15 @@ def mean_std(values: List[float], digits: int = 1) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
+def mean_se(values: List[float], digits: int = 1) -> str:
+    """Signed mean ± its standard error (the std over values / sqrt(n))."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:+.{digits}f}"
+    return f"{np.mean(values):+.{digits}f} ± {np.std(values, ddof=1) / np.sqrt(len(values)):.{digits}f}"
+
+
 def report(args: argparse.Namespace) -> int:
     log_dir = Path(args.log_dir)
     runs: Dict[tuple, Dict[int, Dict[str, Any]]] = defaultdict(dict)
@@ -323,7 +332,8 @@ def report(args: argparse.Namespace) -> int:
         paired = [s for s in seeds if s in against]
         if not paired:
             return ["-", "-"]
-        return [f"{mean_std([score(seeds[s]) - score(against[s]) for s in paired])} ({len(paired)} paired seeds)"
+        count = f"{len(paired)} paired seed" + ("s" if len(paired) > 1 else "")
+        return [f"{mean_std([score(seeds[s]) - score(against[s]) for s in paired])} ({count})"
                 for score in (final, last3)]
 
     lines = ["| config | variant | seeds | offline | online (final) | online (mean of last 3 evaluations) "
@@ -357,22 +367,28 @@ def report(args: argparse.Namespace) -> int:
         if len(rows) > 2:
             table += f"\n\n{heading}\n\n" + "\n".join(rows)
 
-    fidelity = ["| config | variant | refreshes | metric | guided | unguided |", "|---|---|---|---|---|---|"]
+    fidelity = ["| config | variant | refreshes | metric | guided | unguided | guided - unguided |",
+                "|---|---|---|---|---|---|---|"]
     for (key, variant), seeds in sorted(runs.items()):
         refreshes = [r for run in seeds.values() for r in run["refreshes"] if "edis/state_mmd_guided" in r]
         for metric in FIDELITY:
             guided = [r[f"edis/{metric}_guided"] for r in refreshes if f"edis/{metric}_guided" in r]
             unguided = [r[f"edis/{metric}_unguided"] for r in refreshes if f"edis/{metric}_unguided" in r]
+            # Both batches of a refresh come from the same model: their difference is free of the drift
+            # between refreshes that dominates each column's std.
+            differences = [r[f"edis/{metric}_guided"] - r[f"edis/{metric}_unguided"] for r in refreshes
+                           if f"edis/{metric}_guided" in r and f"edis/{metric}_unguided" in r]
             if guided:
                 fidelity.append(f"| {key} | {variant} | {len(guided)} | {metric} | {mean_std(guided, 3)} | "
-                                f"{mean_std(unguided, 3)} |")
+                                f"{mean_std(unguided, 3)} | {mean_se(differences, 3)} |")
     note = ("Scores: D4RL-normalised x 100 (raw return where the data has no reference returns), mean ± std over "
             "seeds. Offline: the shared pretraining run's final evaluation. Change over base: per seed, the variant's "
             "final score (or mean of its last 3 evaluations) minus its base's (iql or calql) from the same checkpoint. "
             "Fidelity: the model's own samples (before any simulator labels), mean ± std over every "
-            "refresh of every seed; state_mmd lower is closer to the online states, policy_loglik higher is closer "
-            "to the current policy, actions_out_of_bounds: share of action dimensions generated outside the "
-            "bounds (clamped onto them), dynamics errors (in units of the data's std) lower is more faithful, "
+            "refresh of every seed; guided - unguided: per refresh, mean ± standard error over refreshes; "
+            "state_mmd lower is closer to the online states, policy_loglik higher is closer to the current policy, "
+            "actions_out_of_bounds: share of action dimensions generated outside the bounds (clamped onto them), "
+            "dynamics errors (in units of the data's std) lower is more faithful, "
             "dynamics_terminal_error: share of rows whose done flag is not the simulator's termination.")
     text = f"{table}\n\n{chr(10).join(fidelity)}\n\n{note}\n"
     print(text)

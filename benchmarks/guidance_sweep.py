@@ -14,6 +14,12 @@ against the online data:
 each with its standard error (MMD: over --repeats independent batches), so that a difference can be
 told from noise. Writes <out>/guidance_sweep-<name>.{json,md,png}.
 
+With --redraw, each batch's (r, s', done) is also drawn again, unguided, given its own (s, a)
+(replacement inpainting, as E_transition's negatives are drawn), and measured the same way: the
+"redrawn" s' and r errors. Guided samples' (s, a) lie elsewhere than unguided ones' (closer to the
+online data, where the model may know the dynamics less well); the redrawn errors tell that apart
+from what guidance does to the (r, s') block itself. At scale 0 they measure what inpainting costs.
+
     python benchmarks/guidance_sweep.py --config configs/cpu/hopper-medium-replay.yaml \\
         --checkpoint runs/finetune/checkpoints/pretrain-iql--cpu__hopper-medium-replay--seed0/checkpoint_50000.pt
 
@@ -65,6 +71,7 @@ class Setup:
 
     def __init__(self, module: Any, args: argparse.Namespace, refresh: bool = True):
         """refresh=False stops before the diffusion fit: the caller fits the model its own way."""
+        self.redraw = getattr(args, "redraw", False)
         config = module.parse_config(module.TrainConfig, module.CONFIG_SECTIONS,
                                      ["--config", args.config, "--device", "cpu", *args.options])
         config.edis.guidance_state = config.edis.guidance_policy = config.edis.guidance_transition = 1.0
@@ -115,7 +122,8 @@ class Setup:
         energies.scales = dict(scales)
         guided = any(value > 0 for value in scales.values())
         online_states = self.module.recent_rows(self.online, len(self.online))["states"]
-        mmd, loglik, state_error, reward_error = [], [], [], []
+        mmd, loglik = [], []
+        errors: Dict[str, List[np.ndarray]] = {key: [] for key, _ in METRICS[2:]}
         for _ in range(repeats):
             with torch.no_grad():  # the guidance takes its own gradients inside
                 samples, _ = self.edis.diffusion.sample(rows, guidance=energies.guidance if guided else None)
@@ -124,38 +132,53 @@ class Setup:
             mmd.append(self.module.rbf_mmd(batch["states"], reference))
             actions = batch["actions"].clamp(-self.max_action, self.max_action)
             loglik.append(self.module.policy_log_prob(self.agent, batch["states"], actions).detach().numpy())
-            raw = {name: batch[name].numpy() for name in ("states", "actions", "next_states", "rewards")}
-            next_error, r_error = simulator_errors(
-                self.simulator, raw["states"] * self.state_std + self.state_mean, raw["actions"],
-                raw["next_states"] * self.state_std + self.state_mean,
-                (raw["rewards"][:, 0] - self.reward_bias) / self.reward_scale)
-            state_error.append(np.mean((next_error / self.next_state_std) ** 2, axis=1))
-            reward_error.append(np.abs(r_error) / self.reward_std)
+            state_error, reward_error = self.dynamics_errors(batch)
+            errors["dynamics_state_mse"].append(state_error)
+            errors["dynamics_reward_mae"].append(reward_error)
+            if self.redraw:  # the model's own (r, s', done) at these (s, a), drawn without guidance
+                masks = energies.masks
+                with torch.no_grad():
+                    redrawn, _ = self.edis.diffusion.sample(rows, known=self.edis.diffusion.normalize(samples),
+                                                            known_mask=masks["state"] + masks["policy"])
+                state_error, reward_error = self.dynamics_errors(self.edis.layout.split(redrawn))
+                errors["dynamics_state_mse_redrawn"].append(state_error)
+                errors["dynamics_reward_mae_redrawn"].append(reward_error)
 
         def summary(values: np.ndarray) -> List[float]:
             return [float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values)))]
 
         return {"state_mmd": summary(np.array(mmd)), "policy_loglik": summary(np.concatenate(loglik)),
-                "dynamics_state_mse": summary(np.concatenate(state_error)),
-                "dynamics_reward_mae": summary(np.concatenate(reward_error))}
+                **{key: summary(np.concatenate(values)) for key, values in errors.items() if values}}
+
+    def dynamics_errors(self, batch: Dict[str, torch.Tensor]) -> tuple:
+        """Per row: squared s' error and absolute r error against the simulator, in units of the data's std."""
+        raw = {name: batch[name].numpy() for name in ("states", "actions", "next_states", "rewards")}
+        next_error, r_error = simulator_errors(
+            self.simulator, raw["states"] * self.state_std + self.state_mean, raw["actions"],
+            raw["next_states"] * self.state_std + self.state_mean,
+            (raw["rewards"][:, 0] - self.reward_bias) / self.reward_scale)
+        return np.mean((next_error / self.next_state_std) ** 2, axis=1), np.abs(r_error) / self.reward_std
 
 
 METRICS = (("state_mmd", "state MMD (lower)"), ("policy_loglik", "policy log-lik (higher)"),
-           ("dynamics_state_mse", "s' error / std^2 (lower)"), ("dynamics_reward_mae", "r error / std (lower)"))
+           ("dynamics_state_mse", "s' error / std^2 (lower)"), ("dynamics_reward_mae", "r error / std (lower)"),
+           ("dynamics_state_mse_redrawn", "redrawn s' error / std^2"), ("dynamics_reward_mae_redrawn",
+                                                                        "redrawn r error / std"))
 
 
 def write_outputs(result: Dict[str, Any], out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"guidance_sweep-{name}.json").write_text(json.dumps(result, indent=1))
     unguided = result["unguided"]
+    metrics = [(key, label) for key, label in METRICS if key in unguided]  # redrawn: only with --redraw
     lines = [f"Guidance sweep, {result['config']} (checkpoint {result['checkpoint']}, {result['online_steps']} "
              f"online steps, {result['rows']} rows x {result['repeats']} batches per setting, "
              f"algorithm file {result['algorithm_file']}). Mean ± standard error.", "",
-             "| energy | scale | " + " | ".join(label for _, label in METRICS) + " | guidance norm | clipped |",
-             "|---|---|" + "---|" * (len(METRICS) + 2)]
+             "| energy | scale | " + " | ".join(label for _, label in metrics) + " | guidance norm | clipped |",
+             "|---|---|" + "---|" * (len(metrics) + 2)]
 
-    def cells(metrics: Dict[str, List[float]]) -> str:
-        return " | ".join(f"{metrics[key][0]:.4f} ± {metrics[key][1]:.4f}" for key, _ in METRICS)
+    def cells(values: Dict[str, List[float]]) -> str:
+        return " | ".join(f"{values[key][0]:.4f} ± {values[key][1]:.4f}" for key, _ in metrics)
 
     lines.append(f"| none | 0 | {cells(unguided)} | - | - |")
     if "together" in result:
@@ -177,8 +200,8 @@ def write_outputs(result: Dict[str, Any], out: Path, name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4))
-    for ax, (key, label) in zip(axes, METRICS, strict=True):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4))
+    for ax, (key, label) in zip(axes, metrics, strict=True):
         for energy in ENERGIES:
             entries = result["sweep"][energy]
             scales = [0.0] + [entry["scale"] for entry in entries]
@@ -206,6 +229,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="batches per setting")
     parser.add_argument("--together", nargs=3, type=float, metavar=("STATE", "POLICY", "TRANSITION"),
                         help="also measure these three scales at once (for example the defaults)")
+    parser.add_argument("--redraw", action="store_true",
+                        help="also redraw each batch's (r, s', done) unguided given its (s, a) and measure that")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algorithm-file", default=str(ROOT / "algorithms" / "iql_edis.py"))
     parser.add_argument("--name", default="", help="output name (default: the config's file name)")

@@ -137,21 +137,29 @@ def test_each_energy_negatives_differ_from_the_positive_in_its_own_block_only(ed
 
 
 def test_inpainting_holds_the_block_and_draws_the_rest_given_it(edis):
-    """s' = s + a in the data: with (s, a) held, the sampled s' must follow it, far closer than the marginal."""
+    """s' = s + a in the data: with (s, a) held, the sampled s' must follow it about as closely as the model's
+    own joint samples do (E_transition's negatives are such draws), where replacement alone does not."""
     torch.manual_seed(0)
     states, actions = torch.randn(4000, 1), torch.rand(4000, 1) * 2 - 1
     data = torch.cat([states, actions, torch.zeros(4000, 1), states + actions], 1)  # (s, a, r, s')
-    diffusion = edis.TransitionDiffusion(4, small_config(edis, sample_steps=16, lr=2e-3), torch.device("cpu"))
+    diffusion = edis.TransitionDiffusion(4, small_config(edis, sample_steps=32, lr=2e-3), torch.device("cpu"))
     diffusion.fit(data, 1000)
     mask = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    known = diffusion.normalize(data[:2000])
     with torch.no_grad():
-        held, trajectory = diffusion.sample(500, record=True, known=diffusion.normalize(data[:500]), known_mask=mask)
-        free, _ = diffusion.sample(500)
-    torch.testing.assert_close(held[:, :2], data[:500, :2], atol=1e-4, rtol=1e-4)
-    assert trajectory.shape == (len(diffusion.guidance_levels()), 500, 4)
-    conditional_error = (held[:, 3] - held[:, :2].sum(1)).pow(2).mean()
-    marginal_error = (free[:, 3] - data[:500, :2].sum(1)).pow(2).mean()
-    assert conditional_error < 0.25 * marginal_error, (conditional_error, marginal_error)  # measured: 0.10
+        held, trajectory = diffusion.sample(2000, record=True, known=known, known_mask=mask)
+        joint, _ = diffusion.sample(2000)
+        diffusion.config.inpainting_weight = 0.0
+        replaced, _ = diffusion.sample(2000, known=known, known_mask=mask)
+    torch.testing.assert_close(held[:, :2], data[:2000, :2], atol=1e-4, rtol=1e-4)
+    assert trajectory.shape == (len(diffusion.guidance_levels()), 2000, 4)
+
+    def error(x: torch.Tensor) -> float:
+        return float((x[:, 3] - x[:, :2].sum(1)).pow(2).mean())
+
+    # Measured (seed 0): held 0.024, joint 0.020, replacement alone 0.21.
+    assert error(held) < 2 * error(joint), (error(held), error(joint))
+    assert error(replaced) > 4 * error(held), (error(replaced), error(held))
 
 
 def test_no_guidance_is_plain_sampling(edis):

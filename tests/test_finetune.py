@@ -92,7 +92,8 @@ def test_report_pairs_each_variant_with_its_base_per_seed(tmp_path):
     assert "| 2 | 42.0 ± 2.0 | 60.0 ± 10.0 |" in rows["iql"]
     # Paired changes, final: 58 - 50 = 8 and 74 - 70 = 4; last 3: (2 + 58) / 2 - (1 + 50) / 2 = 4.5, and 2.5.
     assert rows["iql_edis"].endswith("| 6.0 ± 2.0 (2 paired seeds) | 3.5 ± 1.0 (2 paired seeds) |")
-    assert "| state_mmd | 0.600 ± 0.500 | 0.300 ± 0.000 |" in result.stdout
+    # guided - unguided per refresh: -0.2 and +0.8, mean +0.3, standard error 0.7071 / sqrt(2) = 0.5
+    assert "| state_mmd | 0.600 ± 0.500 | 0.300 ± 0.000 | +0.300 ± 0.500 |" in result.stdout
     assert "skipped iql_edis_unguided--cpu__hopper-medium-replay--seed0: no summary.json" in result.stdout
     for folder in (tmp_path, out):
         assert (folder / "finetune.md").is_file() and (folder / "finetune.png").stat().st_size > 0
@@ -116,14 +117,14 @@ def test_report_tells_the_samples_effect_from_the_batch_mix(tmp_path):
     # iql_edis: 20 - 30 and 36 - 40; unguided: 25 - 30 and 38 - 40 (one evaluation: final = last 3)
     assert rows == ["| cpu/walker2d-medium-replay | iql_edis | -7.0 ± 3.0 (2 paired seeds) | "
                     "-7.0 ± 3.0 (2 paired seeds) |",
-                    "| cpu/walker2d-medium-replay | iql_edis_simulator_labels | 6.0 (1 paired seeds) | "
-                    "6.0 (1 paired seeds) |",
+                    "| cpu/walker2d-medium-replay | iql_edis_simulator_labels | 6.0 (1 paired seed) | "
+                    "6.0 (1 paired seed) |",
                     "| cpu/walker2d-medium-replay | iql_edis_unguided | -3.5 ± 1.5 (2 paired seeds) | "
                     "-3.5 ± 1.5 (2 paired seeds) |"]
     dynamics = result.stdout.split("What the model's (r, s', done) cost")[1].split("\n\n")[1]
     # iql_edis 36 against simulator labels 46 on seed 1, the one seed both have
     assert [line for line in dynamics.splitlines() if line.startswith("| cpu/")] == [
-        "| cpu/walker2d-medium-replay | iql_edis | -10.0 (1 paired seeds) | -10.0 (1 paired seeds) |"]
+        "| cpu/walker2d-medium-replay | iql_edis | -10.0 (1 paired seed) | -10.0 (1 paired seed) |"]
 
 
 def test_a_sweep_on_a_fresh_machine_remakes_a_lost_checkpoint_and_refuses_a_different_one(tmp_path):
