@@ -74,6 +74,8 @@ VARIANTS = {
 NOT_SETTINGS = {"seed", "name", "group", "project", "log_dir", "checkpoints_path", "load_model", "wandb_mode", "edis"}
 FIDELITY = ("state_mmd", "policy_loglik", "actions_out_of_bounds", "dynamics_state_mse", "dynamics_reward_mae",
             "dynamics_terminal_error")
+# (TD loss, value) as each base algorithm logs them under train/: IQL, then Cal-QL.
+CRITIC_KEYS = (("train/q_loss", "train/mean_value"), ("train/qf1_loss", "train/average_qf1"))
 
 
 def load_module(name: str) -> Any:
@@ -279,8 +281,25 @@ def read_run(folder: Path) -> Optional[Dict[str, Any]]:
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     evaluations = {r["step"]: r[key] for r in records if key in r}
     refreshes = [r for r in records if "edis/generated" in r]
-    return {"summary": summary, "evaluations": evaluations, "refreshes": refreshes,
+    loss_key, value_key = next((keys for keys in CRITIC_KEYS if any(keys[0] in r for r in records)), CRITIC_KEYS[0])
+    critic = [(r["step"] - config["offline_iterations"], r[loss_key], r.get(value_key, float("nan")))
+              for r in records if loss_key in r and r["step"] >= config["offline_iterations"]]
+    return {"summary": summary, "evaluations": evaluations, "refreshes": refreshes, "critic": critic,
             "offline_iterations": config["offline_iterations"]}
+
+
+def critic_window(run: Dict[str, Any], last: bool) -> tuple:
+    """Mean TD loss and mean value over the first (or last) tenth of the online updates a run logged."""
+    steps = sorted(step for step, _, _ in run["critic"])
+    if not steps:
+        return float("nan"), float("nan")
+    cut = steps[0] + (steps[-1] - steps[0]) * (0.9 if last else 0.1)
+    window = [(loss, value) for step, loss, value in run["critic"] if (step >= cut if last else step <= cut)]
+    return float(np.mean([w[0] for w in window])), float(np.mean([w[1] for w in window]))
+
+
+def per_seed(values: List[float]) -> str:
+    return " / ".join(f"{v:.3g}" for v in values)
 
 
 def mean_std(values: List[float], digits: int = 1) -> str:
@@ -367,6 +386,21 @@ def report(args: argparse.Namespace) -> int:
         if len(rows) > 2:
             table += f"\n\n{heading}\n\n" + "\n".join(rows)
 
+    # A critic that diverges on generated rows shows here before it shows in the score.
+    critic = ["| config | variant | seeds | TD loss, first tenth of online steps | TD loss, last tenth "
+              "| value, last tenth |", "|---|---|---|---|---|---|"]
+    for (key, variant), seeds in sorted(runs.items()):
+        logged = [s for s in sorted(seeds) if seeds[s]["critic"]]
+        ordered = [seeds[s] for s in logged]
+        if ordered:
+            first, last = [critic_window(r, False) for r in ordered], [critic_window(r, True) for r in ordered]
+            critic.append(f"| {key} | {variant} | {' '.join(map(str, logged))} | {per_seed([f[0] for f in first])} | "
+                          f"{per_seed([t[0] for t in last])} | {per_seed([t[1] for t in last])} |")
+    if len(critic) > 2:
+        table += ("\n\nThe critic during fine-tuning, per seed (TD loss: IQL's q_loss, Cal-QL's "
+                  "qf1_loss; value: IQL's mean V(s), Cal-QL's mean Q1(s, a), over the batches it trained on):\n\n"
+                  + "\n".join(critic))
+
     fidelity = ["| config | variant | refreshes | metric | guided | unguided | guided - unguided |",
                 "|---|---|---|---|---|---|---|"]
     for (key, variant), seeds in sorted(runs.items()):
@@ -403,15 +437,16 @@ def report(args: argparse.Namespace) -> int:
 
 def plot_curves(runs: Dict[tuple, Dict[int, Dict[str, Any]]], pretrained: Dict[tuple, Dict[int, Dict[str, Any]]],
                 path: Path) -> None:
-    """Score against online step, one panel per config, mean ± std over the seeds present at each step."""
+    """Per config: score against online step (mean ± std over the seeds present at each step) above, the
+    critic's TD loss (median and range over seeds, log scale) below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = sorted({key for key, _ in runs})
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
+    fig, axes = plt.subplots(2, len(keys), figsize=(5 * len(keys), 7), squeeze=False)
+    for ax, loss_ax, key in zip(axes[0], axes[1], keys, strict=True):
         for (run_key, variant), seeds in sorted(runs.items()):
             if run_key != key:
                 continue
@@ -428,10 +463,22 @@ def plot_curves(runs: Dict[tuple, Dict[int, Dict[str, Any]]], pretrained: Dict[t
             std = np.array([np.std(by_step[s]) for s in steps])
             ax.plot(steps, mean, label=f"{variant} ({len(seeds)} seeds)")
             ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
+            losses: Dict[int, List[float]] = defaultdict(list)
+            for run in seeds.values():
+                for step, loss, _ in run["critic"]:
+                    losses[step].append(loss)
+            if losses:  # median and range over seeds: one diverging seed should not hide the others
+                steps = sorted(losses)
+                loss_ax.plot(steps, [np.median(losses[s]) for s in steps], label=variant)
+                loss_ax.fill_between(steps, [min(losses[s]) for s in steps], [max(losses[s]) for s in steps],
+                                     alpha=0.15)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("online environment steps", fontsize=8)
         ax.legend(fontsize=7)
+        loss_ax.set_yscale("log")
+        loss_ax.set_xlabel("online environment steps", fontsize=8)
     axes[0][0].set_ylabel("evaluation score")
+    axes[1][0].set_ylabel("critic TD loss (median, range over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -67,12 +67,13 @@ def test_offline_rows_variant_replays_offline_rows_and_never_samples(tmp_path):
     assert any(record.get("phase") == "online" and "train/q_loss" in record for record in records)
 
 
-def write_run(folder: Path, scores: dict, offline_iterations: int, refreshes: list = ()) -> None:
+def write_run(folder: Path, scores: dict, offline_iterations: int, refreshes: list = (), critic: dict = None) -> None:
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(f"offline_iterations: {offline_iterations}\n")
     (folder / "summary.json").write_text(json.dumps({"score_metric": "eval/normalized_score"}))
     records = [{"step": step, "eval/normalized_score": score} for step, score in scores.items()]
     records += [{"step": 1, "edis/generated": 10, **refresh} for refresh in refreshes]
+    records += [{"step": step, **losses} for step, losses in (critic or {}).items()]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
@@ -125,6 +126,30 @@ def test_report_tells_the_samples_effect_from_the_batch_mix(tmp_path):
     # iql_edis 36 against simulator labels 46 on seed 1, the one seed both have
     assert [line for line in dynamics.splitlines() if line.startswith("| cpu/")] == [
         "| cpu/walker2d-medium-replay | iql_edis | -10.0 (1 paired seed) | -10.0 (1 paired seed) |"]
+
+
+def test_report_shows_a_diverging_critic_per_seed(tmp_path):
+    """The critic table: mean TD loss over the first and last tenth of the online steps, and the value."""
+    key = "cpu__walker2d-medium-replay"
+    steady = {step: {"train/q_loss": 20.0, "train/mean_value": 100.0} for step in range(200, 301, 10)}
+    # online steps 0..100: the first tenth is steps 200-210, the last 290-300
+    diverging = {step: {"train/q_loss": 10.0 * 2 ** ((step - 200) // 10), "train/mean_value": 300.0 - step}
+                 for step in range(200, 301, 10)}
+    write_run(tmp_path / f"iql--{key}--seed0", {300: 50.0}, 200, critic=steady)
+    write_run(tmp_path / f"iql_edis--{key}--seed0", {300: 10.0}, 200, critic=diverging)
+    write_run(tmp_path / f"iql_edis--{key}--seed2", {300: 12.0}, 200, critic=steady)
+    calql = {step: {"train/qf1_loss": 3.0, "train/qf2_loss": 9.0, "train/average_qf1": 7.0}
+             for step in range(200, 301, 10)}
+    write_run(tmp_path / f"calql--{key}--seed0", {300: 40.0}, 200, critic=calql)
+    result = finetune("report", "--log-dir", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    rows = {line.split(" | ")[1]: line for line in result.stdout.split("The critic during fine-tuning")[1]
+            .split("\n\n")[1].splitlines() if line.startswith("| cpu/")}
+    # diverging seed 0: first tenth (10 + 20) / 2 = 15, last tenth (5120 + 10240) / 2 = 7680, value 5
+    assert rows["iql_edis"] == "| cpu/walker2d-medium-replay | iql_edis | 0 2 | 15 / 20 | 7.68e+03 / 20 | 5 / 100 |"
+    assert rows["iql"].endswith("| 0 | 20 | 20 | 100 |")
+    assert rows["calql"].endswith("| 0 | 3 | 3 | 7 |")  # Cal-QL: its first critic's loss and Q
+    assert (tmp_path / "out" / "finetune.png").stat().st_size > 0
 
 
 def test_a_sweep_on_a_fresh_machine_remakes_a_lost_checkpoint_and_refuses_a_different_one(tmp_path):
