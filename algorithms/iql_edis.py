@@ -652,6 +652,31 @@ def check_finite_values(values: Dict[str, float], where: str) -> None:
             raise NonFiniteError(f"{name} became NaN or inf {where}")
 
 
+def draw_energy_negatives(diffusion: TransitionDiffusion, energies: TransitionEnergies, positives: torch.Tensor,
+                          config: EDISConfig) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                                                       Optional[torch.Tensor]]:
+    """The sampler runs the energies learn against, recorded at every guidance level.
+
+    negative_pool free runs serve E_state and E_policy; their final samples are the refresh's unguided
+    reference. When E_transition is active, energy_negatives runs per chosen positive (transition_pool runs in
+    all) hold that positive's (s, a) and draw (r, s') given it, so that E_transition learns the online against
+    the model's conditional p(r, s' | s, a), not against its marginal. Returns (unguided samples, trajectory
+    (L, negative_pool, dim), conditioned positives (P, dim) or None, their trajectory (L, P * K, dim) or None).
+    """
+    with torch.no_grad():
+        unguided, trajectory = diffusion.sample(config.negative_pool, record=True)
+        if "transition" not in energies.active:
+            return unguided, trajectory, None, None
+        rows = torch.randperm(len(positives), device=positives.device)[:config.transition_pool
+                                                                       // config.energy_negatives]
+        conditioned = positives[rows]
+        _, conditioned_trajectory = diffusion.sample(
+            len(rows) * config.energy_negatives, record=True,
+            known=conditioned.repeat_interleave(config.energy_negatives, 0),
+            known_mask=energies.masks["state"] + energies.masks["policy"])
+    return unguided, trajectory, conditioned, conditioned_trajectory
+
+
 class EDIS:
     """Owns the diffusion model, the three energies and the buffer of generated transitions.
 
@@ -724,18 +749,8 @@ class EDIS:
         positives = self.diffusion.normalize(self.layout.join(recent))
         on_policy = dict(recent, actions=sample_policy_actions(agent, recent["states"]))
         policy_positives = self.diffusion.normalize(self.layout.join(on_policy))
-        with torch.no_grad():
-            unguided, trajectory = self.diffusion.sample(config.negative_pool, record=True)
-            conditioned, conditioned_trajectory = None, None
-            if "transition" in self.energies.active:  # runs that draw (r, s') given each positive's (s, a)
-                rows = torch.randperm(len(positives), device=self.device)[:config.transition_pool
-                                                                          // config.energy_negatives]
-                conditioned = positives[rows]
-                masks = self.energies.masks
-                _, conditioned_trajectory = self.diffusion.sample(
-                    len(rows) * config.energy_negatives, record=True,
-                    known=conditioned.repeat_interleave(config.energy_negatives, 0),
-                    known_mask=masks["state"] + masks["policy"])
+        unguided, trajectory, conditioned, conditioned_trajectory = draw_energy_negatives(
+            self.diffusion, self.energies, positives, config)
         levels = self.diffusion.guidance_levels()
         sampling_seconds = time.perf_counter() - start
         start = time.perf_counter()
