@@ -696,16 +696,12 @@ def check_finite_values(values: Dict[str, float], where: str) -> None:
 
 
 def draw_energy_negatives(diffusion: TransitionDiffusion, energies: TransitionEnergies, positives: torch.Tensor,
-                          config: EDISConfig) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
-                                                       Optional[torch.Tensor]]:
-    """The sampler runs the energies learn against, recorded at every guidance level.
-
-    negative_pool free runs serve E_state and E_policy; their final samples are the refresh's unguided
-    reference. When E_transition is active, energy_negatives runs per chosen positive (transition_pool runs in
-    all) hold that positive's (s, a) and draw (r, s') given it, so that E_transition learns the online against
-    the model's conditional p(r, s' | s, a), not against its marginal. Returns (unguided samples, trajectory
-    (L, negative_pool, dim), conditioned positives (P, dim) or None, their trajectory (L, P * K, dim) or None).
-    """
+                          config: EDISConfig
+                          ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Sampler runs recorded at every guidance level: negative_pool free runs (E_state's and E_policy's negatives;
+    their ends are the unguided reference) and, for E_transition, energy_negatives runs per chosen positive that hold
+    its (s, a), so that E_transition learns against p_model(r, s' | s, a), not the model's marginal (r, s').
+    Returns (unguided samples, trajectory, conditioned positives or None, their runs' trajectory or None)."""
     with torch.no_grad():
         unguided, trajectory = diffusion.sample(config.negative_pool, record=True)
         if "transition" not in energies.active:
@@ -737,11 +733,9 @@ class EDIS:
         self.energies = TransitionEnergies(self.layout, config, device)
         columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1}
         self.generated = ReplayBuffer(config.num_samples, columns, device)
-        self.fidelity_env = fidelity_env
-        self.state_mean, self.state_std = state_mean, state_std
+        self.fidelity_env, self.state_mean, self.state_std = fidelity_env, state_mean, state_std
         self.reward_scale, self.reward_bias = reward_scale, reward_bias
-        self.refreshes = 0
-        self.fidelity_note_shown = False
+        self.refreshes, self.fidelity_note_shown = 0, False
         if config.simulator_labels and not observation_gives_state(fidelity_env):
             raise UserError(f"edis.simulator_labels needs an env whose observation gives its simulator state "
                             f"({', '.join(STATE_FROM_OBSERVATION)}), not {fidelity_env.spec.id}")
@@ -820,7 +814,7 @@ class EDIS:
             log["edis/generated_terminal_share"] = float(generated["dones"].mean())
         generated["actions"] = generated["actions"].clamp(-self.max_action, self.max_action)
         if config.simulator_labels:  # tells the model's dynamics errors from its choice of (s, a)
-            generated.update(self.simulator_labels(generated))
+            generated.update(simulator_labels(self, generated))
         self.generated.size = self.generated.pointer = 0  # the new samples replace the old ones
         self.generated.add_batch(**generated)
         log["edis/time_sampling_s"] = sampling_seconds + time.perf_counter() - start
@@ -838,14 +832,6 @@ class EDIS:
         for label, samples in (("guided", guided[:count]), ("unguided", unguided[:count])):
             log.update(alignment(self, label, self.layout.split(samples), reference_states, agent, data_std))
         return log
-
-    def simulator_labels(self, rows: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The simulator's (r, s', done) for each row's (s, a), in the agent's units (`edis.simulator_labels`)."""
-        states = rows["states"].cpu().numpy() * self.state_std + self.state_mean
-        next_states, rewards, terminated = simulator_steps(self.fidelity_env, states, rows["actions"].cpu().numpy())
-        labels = {"next_states": (next_states - self.state_mean) / self.state_std, "dones": terminated[:, None],
-                  "rewards": rewards[:, None] * self.reward_scale + self.reward_bias}
-        return {name: torch.as_tensor(value, dtype=torch.float32, device=self.device) for name, value in labels.items()}
 # ==== END SHARED: EDIS refresh ====
 
 
@@ -1478,6 +1464,15 @@ def dynamics_errors(env: gym.Env, states: np.ndarray, actions: np.ndarray, next_
 
 def mean_and_standard_error(values: np.ndarray) -> Tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(max(len(values), 1)))
+
+
+def simulator_labels(edis: "EDIS", rows: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The simulator's (r, s', done) for each row's (s, a), in the agent's units (`edis.simulator_labels`)."""
+    states = rows["states"].cpu().numpy() * edis.state_std + edis.state_mean
+    next_states, rewards, terminated = simulator_steps(edis.fidelity_env, states, rows["actions"].cpu().numpy())
+    labels = {"next_states": (next_states - edis.state_mean) / edis.state_std, "dones": terminated[:, None],
+              "rewards": rewards[:, None] * edis.reward_scale + edis.reward_bias}
+    return {name: torch.as_tensor(value, dtype=torch.float32, device=edis.device) for name, value in labels.items()}
 
 
 def alignment(edis: "EDIS", label: str, batch: Dict[str, torch.Tensor], online_states: torch.Tensor,
