@@ -30,9 +30,14 @@ every --eval-every steps under <folder>/sac/: a killed collection resumes from t
 command runs again, and gives the same files as an uninterrupted one. The medium and expert
 policies stay in <folder>/policies/, so `expert` can be added later without retraining `medium`.
 Datasets that exist are skipped. A dataset file appears under its final name only when complete.
+
+--copy-to DIR then writes compressed copies of the datasets named by --kinds (and collect.json) to
+DIR/collected/<EnvId>-seed<S>/ and prints their sha256: the data to commit beside a result, read
+back with EDIS_DATA_DIR=DIR (or finetune.py --data-dir DIR).
 """
 
 import argparse
+import hashlib
 import importlib.metadata
 import io
 import json
@@ -325,17 +330,37 @@ def save_policy(model: Any, path: Path) -> None:
 
 
 def write_hdf5(path: Path, arrays: Dict[str, np.ndarray], attrs: Dict[str, Any]) -> None:
+    """gzip with the byte shuffle: small enough to commit beside a result, read back unchanged by h5py."""
     def write(partial: Path) -> None:
         with h5py.File(partial, "w") as file:
-            for key in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
-                file.create_dataset(key, data=arrays[key])
-            file.create_dataset("infos/qpos", data=arrays["qpos"])
-            file.create_dataset("infos/qvel", data=arrays["qvel"])
+            for key, name in (*((key, key) for key in COLUMNS[:6]), ("qpos", "infos/qpos"), ("qvel", "infos/qvel")):
+                file.create_dataset(name, data=arrays[key], compression="gzip", compression_opts=4, shuffle=True)
             for key, value in attrs.items():
                 if value is not None:
                     file.attrs[key] = value
 
     write_atomically(path, write)
+
+
+def copy_datasets(folder: Path, kinds: List[str], destination: Path) -> None:
+    """Compressed copies of a collection's datasets (and its collect.json) under destination/collected/, the layout
+    that `collected:` reads with EDIS_DATA_DIR=destination: the data a committed result was made with."""
+    target = destination / "collected" / folder.name
+    for kind in kinds:
+        with h5py.File(folder / f"{kind}.hdf5", "r") as file:
+            attrs = dict(file.attrs)
+        write_hdf5(target / f"{kind}.hdf5", read_hdf5(folder / f"{kind}.hdf5"), attrs)
+        print(f"copied {kind} to {target / f'{kind}.hdf5'}: sha256 {sha256_of(target / f'{kind}.hdf5')}, "
+              f"{(target / f'{kind}.hdf5').stat().st_size / 2**20:.1f} MiB", flush=True)
+    shutil.copy(folder / "collect.json", target / "collect.json")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def minari_root() -> Path:
@@ -665,6 +690,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default=None,
                         help="where collections go (default: $EDIS_DATA_DIR/collected, EDIS_DATA_DIR defaulting "
                              "to ~/.cache/edis-datasets; `collected:` reads only there, use hdf5:<path> otherwise)")
+    parser.add_argument("--copy-to", default=None,
+                        help="then write compressed copies of these datasets to COPY_TO/collected/<EnvId>-seed<S>/ "
+                             "and print their sha256 (to commit the data behind a result)")
     args = parser.parse_args(argv)
     unknown = [kind for kind in args.kinds if kind not in KINDS]
     if unknown:
@@ -697,7 +725,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parse_args(argv)
         torch.set_num_threads(args.threads)
         started = time.time()
-        Collection(args).make(args.kinds)
+        collection = Collection(args)
+        collection.make(args.kinds)
+        if args.copy_to:
+            copy_datasets(collection.folder, args.kinds, Path(args.copy_to))
         print(f"done in {(time.time() - started) / 60:.1f} min", flush=True)
         return 0
     except CollectError as error:

@@ -1,5 +1,6 @@
 """benchmarks/collect.py on tiny budgets: both formats, simulator states, determinism, resume, bad input."""
 
+import hashlib
 import json
 import os
 import signal
@@ -94,6 +95,28 @@ def test_same_seed_gives_the_same_files(tiny_collection, tmp_path):
     for kind in ("random", "medium", "medium-replay"):
         assert_same_file(tiny_collection / "data" / "collected" / "Hopper-v5-seed0" / f"{kind}.hdf5",
                          tmp_path / "data" / "collected" / "Hopper-v5-seed0" / f"{kind}.hdf5")
+
+
+def test_copy_to_writes_compressed_copies_that_load_the_same(iql, tiny_collection, tmp_path, monkeypatch):
+    """--copy-to on a finished collection: nothing is collected again, and the copies (the data committed beside a
+    result) are gzip-compressed, hash to the printed sha256, and load through `collected:` to the same arrays."""
+    result = collect(tiny_collection, "--env", "Hopper-v5", "--kinds", "medium-replay", "random", *TINY,
+                     "--copy-to", str(tmp_path / "committed"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "medium-replay: " in result.stdout and "exists, skipped" in result.stdout
+    source = tiny_collection / "data" / "collected" / "Hopper-v5-seed0"
+    copies = tmp_path / "committed" / "collected" / "Hopper-v5-seed0"
+    assert (copies / "collect.json").read_text() == (source / "collect.json").read_text()
+    for kind in ("medium-replay", "random"):
+        printed = [line for line in result.stdout.splitlines() if line.startswith(f"copied {kind} ")]
+        assert len(printed) == 1 and hashlib.sha256((copies / f"{kind}.hdf5").read_bytes()).hexdigest() in printed[0]
+        with h5py.File(copies / f"{kind}.hdf5", "r") as file:
+            assert file["observations"].compression == "gzip" and file["infos/qpos"].compression == "gzip"
+        assert_same_file(source / f"{kind}.hdf5", copies / f"{kind}.hdf5")
+        original, _ = iql.load_dataset(f"hdf5:{source / f'{kind}.hdf5'}")
+        monkeypatch.setenv("EDIS_DATA_DIR", str(tmp_path / "committed"))
+        copied, _ = iql.load_dataset(f"collected:Hopper-v5:{kind}")
+        assert original.keys() == copied.keys() and all(np.array_equal(original[k], copied[k]) for k in original)
 
 
 def test_killed_collection_resumes_and_gives_the_same_files(tmp_path):

@@ -1,5 +1,6 @@
 """benchmarks/finetune.py: shared pretraining, variants that differ only online, the paired report."""
 
+import hashlib
 import json
 import shlex
 import shutil
@@ -88,7 +89,8 @@ def test_report_pairs_each_variant_with_its_base_per_seed(tmp_path):
     out = tmp_path / "results"
     result = finetune("report", "--log-dir", str(tmp_path), "--out", str(out))
     assert result.returncode == 0, result.stderr
-    score_table = result.stdout.split("\n\n")[0]
+    score_table = next(part for part in result.stdout.split("\n\n")
+                       if part.startswith("| config | variant | seeds | offline"))
     rows = {line.split(" | ")[1]: line for line in score_table.splitlines() if line.startswith("| cpu/")}
     assert "| 2 | 42.0 ± 2.0 | 60.0 ± 10.0 |" in rows["iql"]
     # Paired changes, final: 58 - 50 = 8 and 74 - 70 = 4; last 3: (2 + 58) / 2 - (1 + 50) / 2 = 4.5, and 2.5.
@@ -128,6 +130,39 @@ def test_report_tells_the_samples_effect_from_the_batch_mix(tmp_path):
         "| cpu/walker2d-medium-replay | iql_edis | -10.0 (1 paired seed) | -10.0 (1 paired seed) |"]
 
 
+def test_report_gives_rliable_estimates_and_pairs_guided_with_unguided_under_simulator_labels(tmp_path):
+    """IQM with its interval and the probability of improvement (rliable), and guided (s, a) against unguided (s, a)
+    when both get the simulator's labels: the paper's idea with the model's dynamics taken out."""
+    key = "cpu__walker2d-medium-replay"
+    scores = {"iql": [10.0, 20.0, 30.0, 40.0], "iql_edis_simulator_labels": [12.0, 22.0, 50.0, 60.0],
+              "iql_edis_simulator_labels_unguided": [11.0, 21.0, 31.0, 41.0]}
+    for variant, finals in scores.items():
+        for seed, final in enumerate(finals):
+            write_run(tmp_path / f"{variant}--{key}--seed{seed}", {300: final}, 200)
+    result = finetune("report", "--log-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    rows = {line.split(" | ")[1]: line for line in result.stdout.split("\n\n")[1].splitlines()
+            if line.startswith("| cpu/")}
+    # IQM of 10, 20, 30, 40: the middle half, (20 + 30) / 2; its interval lies within the runs' range.
+    iqm, interval = rows["iql"].split(" | ")[3].split(" [")
+    low, high = (float(v) for v in interval.rstrip("]").split(", "))
+    assert iqm == "25.0" and 10.0 <= low < 25.0 < high <= 40.0
+    comparisons = {tuple(line.split(" | ")[1:3]): line for line in result.stdout.split("Probability of improvement")
+                   [1].split("\n\n")[1].splitlines() if line.startswith("| cpu/")}
+    # Over the 16 pairs of runs, guided ends above unguided in 1 + 2 + 4 + 4 = 11: P = 11/16 = 0.6875
+    guided = comparisons[("iql_edis_simulator_labels", "iql_edis_simulator_labels_unguided")]
+    probability, interval = guided.split(" | ")[3].split(" [")
+    low, high = (float(v) for v in interval.rstrip("]").split(", "))
+    assert probability == "0.69" and 0.0 <= low < 0.6875 < high <= 1.0
+    assert guided.endswith("| 10.0 ± 9.0 (4 seeds) |")  # paired: 1, 1, 19, 19
+    # unguided against iql: 1 + 2 + 3 + 4 = 10 of 16 pairs
+    assert comparisons[("iql_edis_simulator_labels_unguided", "iql")].split(" | ")[3].startswith("0.62 [")
+    table = result.stdout.split("What guidance does")[1].split("\n\n")[1]
+    assert [line for line in table.splitlines() if line.startswith("| cpu/")] == [
+        "| cpu/walker2d-medium-replay | iql_edis_simulator_labels | 10.0 ± 9.0 (4 paired seeds) | "
+        "10.0 ± 9.0 (4 paired seeds) |"]
+
+
 def test_report_shows_a_diverging_critic_per_seed(tmp_path):
     """The critic table: mean TD loss over the first and last tenth of the online steps, and the value."""
     key = "cpu__walker2d-medium-replay"
@@ -152,20 +187,29 @@ def test_report_shows_a_diverging_critic_per_seed(tmp_path):
     assert (tmp_path / "out" / "finetune.png").stat().st_size > 0
 
 
-def test_a_sweep_on_a_fresh_machine_remakes_a_lost_checkpoint_and_refuses_a_different_one(tmp_path):
-    """Only the run records are kept (summary.json, metrics.jsonl): a pretraining run whose checkpoint is gone
-    is run again for the fine-tuning runs still to do, and must give the weights the earlier ones started from."""
-    log_dir = tmp_path / "sweep"
-    tiny = ["--dataset", "random:Hopper-v5:600", "--offline_iterations", "30", "--offline_eval_freq", "30",
+def test_a_sweep_on_a_fresh_machine_remakes_a_lost_checkpoint_and_refuses_a_different_one(iql, tmp_path):
+    """A pretraining run whose checkpoint is gone is run again for the fine-tuning runs still to do, and must give
+    the weights the earlier ones started from; a sweep continued on other data is refused. The config's
+    collected:Hopper-v5:medium-replay is read from --data-dir, as a committed result's data are."""
+    log_dir, data_dir = tmp_path / "sweep", tmp_path / "committed-data"
+    data_file = data_dir / "collected" / "Hopper-v5-seed0" / "medium-replay.hdf5"
+    iql.collect_random_dataset("Hopper-v5", 600, data_file, seed=0)
+    tiny = ["--offline_iterations", "30", "--offline_eval_freq", "30",
             "--online_iterations", "20", "--eval_freq", "20", "--n_episodes", "1", "--batch_size", "16",
             "--log_freq", "10", "--wandb_mode", "disabled", "--device", "cpu"]
     sweep = ["run", "--configs", "configs/cpu/hopper-medium-replay.yaml", "--seeds", "0", "--variants", "iql",
-             "--log-dir", str(log_dir), "--workers", "1", "--", *tiny]
+             "--log-dir", str(log_dir), "--data-dir", str(data_dir), "--workers", "1", "--", *tiny]
     key = "cpu__hopper-medium-replay"
     pretraining, finetuning = log_dir / f"pretrain-iql--{key}--seed0", log_dir / f"iql--{key}--seed0"
-    assert finetune(*sweep).returncode == 0
+    first = finetune(*sweep)
+    assert first.returncode == 0, first.stdout + first.stderr
     recorded = json.loads((log_dir / "checkpoint-fingerprints.json").read_text())
     assert list(recorded) == [pretraining.name]
+    assert json.loads((log_dir / "data-fingerprints.json").read_text()) == {
+        "collected:Hopper-v5:medium-replay": hashlib.sha256(data_file.read_bytes()).hexdigest()}
+    provenance = json.loads((log_dir / "sweeps.jsonl").read_text().splitlines()[0])
+    assert len(provenance["commit"]) == 40 and "--data-dir" in provenance["command"]
+    assert provenance["edis_data_dir"] == str(data_dir.resolve())
 
     # A fresh machine: the records came back, the checkpoint did not, and one fine-tuning run is still to do.
     shutil.rmtree(log_dir / "checkpoints")
@@ -185,3 +229,9 @@ def test_a_sweep_on_a_fresh_machine_remakes_a_lost_checkpoint_and_refuses_a_diff
     assert not finetuning.exists()
     again = finetune(*sweep)
     assert again.returncode == 2 and again.stderr.startswith(f"error: {pretraining.name}: its checkpoint")
+
+    # Other data under the same name (a re-collection): refused before anything runs.
+    iql.collect_random_dataset("Hopper-v5", 600, data_file, seed=1)
+    other_data = finetune(*sweep)
+    assert other_data.returncode == 2 and "not the file this sweep's runs used" in other_data.stderr
+    assert len(other_data.stderr.strip().splitlines()) == 1

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The second fine-tuning sweep, exactly as it runs: from the root of a clone at the commit that sweeps.jsonl records,
+# on the data in data/ (committed, sha256 in data-fingerprints.json), two runs at a time, one thread each.
+# Finished runs are skipped and killed ones resume from their snapshots, so running it again continues the sweep.
+# The checkpoint each seed's variants fine-tune from is committed in checkpoints/ (weights in
+# checkpoint-fingerprints.json): on another machine the remaining runs start from the same weights.
+set -uo pipefail
+cd "$(dirname "$0")/../../.."
+LOG=benchmarks/results/second-sweep
+sweep() {
+    python benchmarks/finetune.py run --log-dir "$LOG" --data-dir "$LOG/data" --workers 2 --threads-per-run 1 "$@" \
+        || echo "some runs failed: the list is above; running this script again retries them"
+}
+# Walker2d-v5: where the paper's loop collapses, and what causes it (IQL, IQL-EDIS's settings, 5 seeds)
+sweep --configs configs/cpu/walker2d-medium-replay.yaml --seeds 0 1 2 3 4 --variants iql iql_edis \
+    iql_edis_unguided iql_edis_simulator_labels iql_edis_simulator_labels_unguided iql_edis_offline_rows \
+    -- --wandb_mode disabled
+# Hopper-v5: Cal-QL and Cal-QL-EDIS, one Cal-QL checkpoint per seed made with Cal-QL-EDIS's settings (3 seeds)
+sweep --configs configs/cpu/hopper-medium-replay.yaml --seeds 0 1 2 --variants calql calql_edis \
+    calql_edis_unguided -- --wandb_mode disabled
+# Hopper-v5: guided against unguided (s, a) with the simulator's labels, beside IQL (5 seeds)
+sweep --configs configs/cpu/hopper-medium-replay.yaml --seeds 0 1 2 3 4 --variants iql \
+    iql_edis_simulator_labels iql_edis_simulator_labels_unguided -- --wandb_mode disabled
+python benchmarks/finetune.py report --log-dir "$LOG"
