@@ -242,19 +242,29 @@ def dataset_files(args: argparse.Namespace) -> Dict[str, Path]:
     return files
 
 
+def record_fingerprint(path: Path, name: str, fingerprint: str) -> str:
+    """The fingerprint recorded for `name` in the JSON file at `path`, recording this one where there is none. The
+    file is read and written at each call, so that two sweeps on one log folder keep each other's records."""
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    if name not in recorded:
+        recorded[name] = fingerprint
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+        partial.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+        os.replace(partial, path)
+    return recorded[name]
+
+
 def check_data(log_dir: Path, files: Dict[str, Path]) -> Optional[str]:
     """log_dir/data-fingerprints.json: the sha256 of every dataset file a sweep's runs read. A sweep continued on
     other data (a re-collection, another machine's) would mix two datasets in one table: refused."""
     path = log_dir / "data-fingerprints.json"
-    recorded: Dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
     for source, file in files.items():
         fingerprint = file_sha256(file)
-        if recorded.setdefault(source, fingerprint) != fingerprint:
+        recorded = record_fingerprint(path, source, fingerprint)
+        if recorded != fingerprint:
             return (f"{source} reads {file} (sha256 {fingerprint[:12]}), not the file this sweep's runs used "
-                    f"(sha256 {recorded[source][:12]} in {path}): point --data-dir at that data, or use another "
-                    f"--log-dir")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+                    f"(sha256 {recorded[:12]} in {path}): point --data-dir at that data, or use another --log-dir")
     return None
 
 
@@ -279,31 +289,22 @@ def record_sweep(log_dir: Path, argv: List[str]) -> None:
         file.write(json.dumps(entry) + "\n")
 
 
-class Fingerprints:
+def check_checkpoint(log_dir: Path, name: str, checkpoint: Path) -> Optional[str]:
     """log_dir/checkpoint-fingerprints.json: the weights every fine-tuning run of a seed started from.
 
-    The run records (summary.json, metrics.jsonl) are small and worth keeping, the checkpoints are not: on a
-    fresh machine a sweep finds pretraining runs that finished but left no checkpoint. Such a run is made
-    again (one thread is deterministic on a given machine and library version), and its new checkpoint must
-    have the fingerprint that the seed's earlier fine-tuning runs started from, or nothing is fine-tuned on it.
+    A pretraining run that finished but left no checkpoint (a fresh machine, a sweep whose checkpoints were not
+    kept) is made again (one thread is deterministic on a given machine and library version), and its new
+    checkpoint must have the fingerprint that the seed's earlier fine-tuning runs started from, or nothing is
+    fine-tuned on it.
     """
-
-    def __init__(self, log_dir: Path):
-        self.path = log_dir / "checkpoint-fingerprints.json"
-        self.recorded: Dict[str, str] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    def check(self, name: str, checkpoint: Path) -> Optional[str]:
-        """Records a new checkpoint's fingerprint; an error if it differs from the recorded one."""
-        fingerprint = weights_fingerprint(checkpoint)
-        recorded = self.recorded.setdefault(name, fingerprint)
-        if recorded != fingerprint:
-            return (f"its checkpoint {checkpoint} is not the one that this seed's earlier fine-tuning runs started "
-                    f"from (weights {fingerprint[:12]}, recorded {recorded[:12]} in {self.path}); fine-tuning it "
-                    f"would mix two checkpoints in one seed: move that seed's runs elsewhere to start it afresh")
-        partial = self.path.with_name(self.path.name + ".part")
-        partial.write_text(json.dumps(self.recorded, indent=1, sort_keys=True) + "\n")
-        os.replace(partial, self.path)
-        return None
+    path = log_dir / "checkpoint-fingerprints.json"
+    fingerprint = weights_fingerprint(checkpoint)
+    recorded = record_fingerprint(path, name, fingerprint)
+    if recorded != fingerprint:
+        return (f"its checkpoint {checkpoint} is not the one that this seed's earlier fine-tuning runs started "
+                f"from (weights {fingerprint[:12]}, recorded {recorded[:12]} in {path}); fine-tuning it "
+                f"would mix two checkpoints in one seed: move that seed's runs elsewhere to start it afresh")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -322,11 +323,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     record_sweep(log_dir, sys.argv)
-    fingerprints = Fingerprints(log_dir)
     for name, checkpoint in checkpoints.items():
         finished = (log_dir / name / "summary.json").is_file()
         if finished and checkpoint.is_file():
-            problem = fingerprints.check(name, checkpoint)
+            problem = check_checkpoint(log_dir, name, checkpoint)
             if problem:
                 print(f"error: {name}: {problem}", file=sys.stderr)
                 return 2
@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
                   f"(its earlier record moved to {superseded})")
 
     def check(name: str) -> Optional[str]:
-        return fingerprints.check(name, checkpoints[name]) if name in checkpoints else None
+        return check_checkpoint(log_dir, name, checkpoints[name]) if name in checkpoints else None
 
     pretraining = sum(need is None for _, _, need in jobs)
     print(f"pretraining: {pretraining} run(s), fine-tuning: {len(jobs) - pretraining} run(s)")
