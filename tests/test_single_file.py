@@ -36,7 +36,31 @@ def test_shared_sections_are_identical_across_files():
     for name, bodies in copies.items():
         reference_file, reference = next(iter(bodies.items()))
         for file_name, body in bodies.items():
-            assert body == reference, f"section '{name}' differs between {reference_file} and {file_name}"
+            assert body == reference, (
+                f"section '{name}' differs between {reference_file} and {file_name}: after editing it in one file, "
+                f"copy it into the others with python tools/sync_shared.py algorithms/<the edited file>")
+
+
+def test_sync_script_copies_one_files_sections_into_the_others(tmp_path):
+    """tools/sync_shared.py: an edited section reaches every other file that holds it, and nothing else moves."""
+    import subprocess
+    import sys
+
+    for path in FILES:
+        (tmp_path / path.name).write_text(path.read_text())
+    edited = tmp_path / "iql.py"
+    edited.write_text(edited.read_text().replace("# ==== BEGIN SHARED: replay buffer ====\n",
+                                                 "# ==== BEGIN SHARED: replay buffer ====\n# an edit\n"))
+    script = [sys.executable, str(ROOT / "tools" / "sync_shared.py"), str(edited), "--folder", str(tmp_path)]
+    check = subprocess.run([*script, "--check"], capture_output=True, text=True)
+    assert check.returncode == 1 and check.stdout.count("differs: ") == 3 and "replay buffer" in check.stdout
+    assert subprocess.run(script, capture_output=True, text=True).returncode == 0
+    for path in FILES:
+        synced = (tmp_path / path.name).read_text()
+        assert "# ==== BEGIN SHARED: replay buffer ====\n# an edit\n" in synced
+        assert synced.replace("# an edit\n", "", 1) == path.read_text()  # the rest of the file is untouched
+    again = subprocess.run([*script, "--check"], capture_output=True, text=True)
+    assert again.returncode == 0 and "every shared section matches" in again.stdout
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
