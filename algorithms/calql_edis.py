@@ -355,6 +355,11 @@ class ResidualMLPDenoiser(nn.Module):
         return self.output(self.blocks(self.input(x) + self.time(c_noise)))
 
 
+def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """EDM's lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2: unit-variance loss at every level."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
 class TransitionDiffusion:
     """EDM (Karras et al. 2022) over transitions standardised per dimension.
 
@@ -410,7 +415,7 @@ class TransitionDiffusion:
         for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0, disable=steps < 1000):
             x0 = normalized[torch.randint(0, len(normalized), (config.batch_size,), device=self.device)]
             sigma = (torch.randn(len(x0), device=self.device) * config.p_std + config.p_mean).exp()
-            weight = (sigma**2 + config.sigma_data**2) / (sigma * config.sigma_data) ** 2
+            weight = edm_loss_weight(sigma, config.sigma_data)
             denoised = self.denoise(x0 + sigma[:, None] * torch.randn_like(x0), sigma, self.model)
             loss = (weight[:, None] * (denoised - x0) ** 2).mean()
             self.optimizer.zero_grad(set_to_none=True)
