@@ -14,6 +14,9 @@ configuration, the returns-to-go and networks, the agent (its `update` is Cal-QL
 machinery (command line, data, environment, buffers, evaluation, logging) follows the "Machinery"
 banner. A section marked `BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name
 holds it identically.
+
+Docs (in this file's repository): docs/configuration.md (options, config files), docs/datasets.md,
+docs/runs.md (outputs, checkpoints, resume), docs/results.md.
 """
 
 import contextlib

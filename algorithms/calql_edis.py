@@ -19,6 +19,10 @@ configuration, the returns-to-go and networks, the diffusion model, the energies
 the refresh, the agent, `train()`; the machinery (command line, data, environment, buffers,
 evaluation, logging) follows the "Machinery" banner. A section marked `BEGIN SHARED: <name>` is a
 copy: every algorithm file that holds that name holds it identically.
+
+Docs (in this file's repository): docs/edis.md (the method, where our defaults differ from the
+public code and why, the guidance scales), docs/public-code.md, docs/configuration.md, docs/runs.md,
+docs/results.md.
 """
 
 import contextlib
@@ -101,7 +105,7 @@ class EDISConfig:
     negative_pool: int = 8_192  # sampler trajectories recorded per refresh; their states at every level are negatives
     transition_pool: int = 20_480  # runs with (s, a) held at positives' (energy_negatives each): E_transition negatives
     inpainting_weight: float = 4.0  # reconstruction guidance of those runs: pulls (r, s') toward the held (s, a)
-    guidance_state: float = 0.5  # scale of E_state's guidance on the s block (0: off); chosen by sweep, see README
+    guidance_state: float = 0.5  # scale of E_state's guidance on the s block (0: off); docs/edis.md has the sweep
     guidance_transition: float = 0.5  # scale of E_transition's guidance on the (r, s', done) block (0: off)
     guidance_policy: float = 0.5  # scale of E_policy's guidance on the a block (0: off)
     guidance_clip: float = 1.0  # largest norm of each energy's shift of a denoised transition (standardised units)
@@ -488,11 +492,7 @@ class TransitionDiffusion:
                       mask: torch.Tensor) -> torch.Tensor:
         """D(x) with reconstruction guidance (Ho et al. 2022, "Video Diffusion Models"): the free block moves
         down the gradient of the held block's squared denoising error, weighted by inpainting_weight / 2.
-
-        Replacement alone lets the free block follow the denoiser's guess of a held block that is still
-        noise at high sigma: measured on Hopper-v5 medium-replay (CPU profile), its (r, s') given real
-        (s, a) were 7 times further from the simulator's s' than the model's own joint samples, so the
-        E_transition trained on them learnt inpainting artefacts, not p_model(r, s' | s, a)."""
+        Replacement alone draws (r, s') far from p_model(r, s' | s, a) (docs/edis.md, E_transition)."""
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             denoised = self.denoise(x, sigma_rows)
@@ -726,7 +726,8 @@ class EDIS:
 
     `refresh` is one round of the method: fit the diffusion model (on offline + online data), train
     the energies on the most recent online transitions, refill the generated buffer with guided
-    samples, and measure what guidance bought against unguided samples of the same model.
+    samples. It keeps those samples and unguided ones of the same model in `last_samples`, which
+    `measure_refresh` (machinery, below) turns into the fidelity metrics.
     """
 
     def __init__(self, config: EDISConfig, state_dim: int, action_dim: int, max_action: float,
@@ -773,7 +774,7 @@ class EDIS:
         columns = ("states", "actions", "rewards", "next_states", "dones")
         online = recent_rows(online_buffer, len(online_buffer))
         data = self.layout.join({name: torch.cat([offline[name], online[name]]) for name in columns})
-        first = self.refreshes == 0
+        first, self.last_samples = self.refreshes == 0, None
         if config.retrain_from_scratch and not first:
             self.diffusion.reset_weights()
         start = time.perf_counter()
@@ -824,18 +825,7 @@ class EDIS:
         self.generated.add_batch(**generated)
         log["edis/time_sampling_s"] = sampling_seconds + time.perf_counter() - start
         log["edis/generated"] = float(len(self.generated))
-
-        count = min(config.metric_samples, len(unguided), len(guided))
-        if count < 2:  # everything was dropped: nothing to measure
-            return log
-        reference_states = recent["states"][-count:]
-        offline_states = offline["states"][torch.randperm(len(offline["states"]), device=self.device)[:count]]
-        log["edis/state_mmd_offline"] = rbf_mmd(offline_states, reference_states)
-        # The dynamics errors are in units of the data's std, so that numbers compare across envs.
-        data_std = {"next_states": offline["next_states"].std(0).cpu().numpy() * self.state_std + 1e-6,
-                    "rewards": float(offline["rewards"].std()) / abs(self.reward_scale) + 1e-6}
-        for label, samples in (("guided", guided[:count]), ("unguided", unguided[:count])):
-            log.update(alignment(self, label, self.layout.split(samples), reference_states, agent, data_std))
+        self.last_samples = {"guided": guided, "unguided": unguided, "online_states": recent["states"]}
         return log
 # ==== END SHARED: EDIS refresh ====
 
@@ -1105,7 +1095,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 progress.set_postfix(postfix)
                 agent.start_online()
                 if not config.edis.retrain_from_scratch:  # a model refitted from scratch needs no head start
-                    logger.log(edis.refresh(offline_buffer.data, online_buffer, agent), t, phase)
+                    logger.log(edis.refresh(offline_buffer.data, online_buffer, agent), t, phase)  # a fit alone
             episode_log = None
             if phase == "online":
                 action = agent.act(collector.state, explore=True)
@@ -1115,6 +1105,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 # No refresh at the last step: a single update would see its samples.
                 if collector.env_steps % config.edis.refresh_every == 0 and t + 1 < total:
                     refresh_log = edis.refresh(offline_buffer.data, online_buffer, agent)
+                    refresh_log.update(measure_refresh(edis, offline_buffer.data, agent))
                     logger.log({**refresh_log, "env_steps": collector.env_steps}, t + 1, phase)
                 # Until the first refresh has generated anything, offline data stand in for generated data.
                 if len(edis.generated):
@@ -1478,6 +1469,25 @@ def simulator_labels(edis: "EDIS", rows: Dict[str, torch.Tensor]) -> Dict[str, t
     labels = {"next_states": (next_states - edis.state_mean) / edis.state_std, "dones": terminated[:, None],
               "rewards": rewards[:, None] * edis.reward_scale + edis.reward_bias}
     return {name: torch.as_tensor(value, dtype=torch.float32, device=edis.device) for name, value in labels.items()}
+
+
+def measure_refresh(edis: "EDIS", offline: Dict[str, torch.Tensor], agent: Any) -> Dict[str, float]:
+    """What guidance bought at the last refresh: its guided samples and unguided ones of the same model against
+    the recent online data (state MMD, policy log-likelihood, the simulator's dynamics); {} after a fit alone."""
+    samples, config = edis.last_samples, edis.config
+    count = 0 if samples is None else min(config.metric_samples, len(samples["unguided"]), len(samples["guided"]))
+    if count < 2:  # no samples yet, or everything was dropped: nothing to measure
+        return {}
+    reference_states = samples["online_states"][-count:]
+    offline_states = offline["states"][torch.randperm(len(offline["states"]), device=edis.device)[:count]]
+    log = {"edis/state_mmd_offline": rbf_mmd(offline_states, reference_states)}
+    # The dynamics errors are in units of the data's std, so that numbers compare across envs.
+    data_std = {"next_states": offline["next_states"].std(0).cpu().numpy() * edis.state_std + 1e-6,
+                "rewards": float(offline["rewards"].std()) / abs(edis.reward_scale) + 1e-6}
+    for label in ("guided", "unguided"):
+        batch = edis.layout.split(samples[label][:count])
+        log.update(alignment(edis, label, batch, reference_states, agent, data_std))
+    return log
 
 
 def alignment(edis: "EDIS", label: str, batch: Dict[str, torch.Tensor], online_states: torch.Tensor,

@@ -13,6 +13,9 @@ configuration, the networks, the agent (its `update` is IQL), `train()`; the mac
 line, data, environment, buffers, evaluation, logging) follows the "Machinery" banner. A section
 marked `BEGIN SHARED: <name>` is a copy: every algorithm file that holds that name holds it
 identically.
+
+Docs (in this file's repository): docs/configuration.md (options, config files), docs/datasets.md,
+docs/runs.md (outputs, checkpoints, resume), docs/results.md.
 """
 
 import contextlib

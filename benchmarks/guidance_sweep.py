@@ -114,6 +114,8 @@ class Setup:
         if not config.edis.retrain_from_scratch:
             self.edis.refresh(self.offline, empty, self.agent)  # the fit at online start
         self.refresh_log = self.edis.refresh(self.offline, self.online, self.agent)
+        if hasattr(module, "measure_refresh"):  # older algorithm files measured inside the refresh
+            self.refresh_log.update(module.measure_refresh(self.edis, self.offline, self.agent))
         self.refresh_seconds = time.perf_counter() - start
 
     def measure(self, scales: Dict[str, float], rows: int, repeats: int) -> Dict[str, Any]:

@@ -7,7 +7,7 @@ drifts in a file, or a section that leaks into the other algorithm, fails here.
 
 Guidance scales are not in the table: the reference adds `scale * grad E` to the ODE derivative
 while our sampler shifts the denoised estimate by `-sigma^2 * scale * grad E`, so its numbers do
-not carry over (README, "Guidance scales").
+not carry over (docs/edis.md, "Guidance scales").
 """
 
 import math
