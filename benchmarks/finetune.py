@@ -494,6 +494,10 @@ def report(args: argparse.Namespace) -> int:
     log_dir = Path(args.log_dir)
     runs: Dict[tuple, Dict[int, Dict[str, Any]]] = defaultdict(dict)
     pretrained: Dict[tuple, Dict[int, Dict[str, Any]]] = defaultdict(dict)
+    if not log_dir.is_dir():
+        print(f"error: {log_dir} is not a folder of runs: make it with `python benchmarks/finetune.py run "
+              f"--log-dir {log_dir} ...`, or give the --log-dir a sweep wrote to", file=sys.stderr)
+        return 1
     for folder in sorted(p for p in log_dir.iterdir() if p.is_dir()):
         parts = folder.name.split("--")
         if len(parts) != 3 or not parts[2].startswith("seed"):

@@ -395,6 +395,9 @@ def online_command(args: argparse.Namespace) -> int:
     spent stopped, or lost after their last snapshot, cannot be told from its logs."""
     runs: Dict[tuple, Dict[str, Any]] = {}
     for log_dir in map(Path, args.log_dir):
+        if not log_dir.is_dir():
+            print(f"error: {log_dir} is not a folder of runs (a finetune.py --log-dir)", file=sys.stderr)
+            return 2
         stopped = stopped_intervals(log_dir / "pauses.log")
         for summary_path in log_dir.glob("*/summary.json"):
             run_dir = summary_path.parent

@@ -281,6 +281,9 @@ def read_runs(log_dir: Path) -> tuple:
 
     Each run holds its summary and its evaluations [(step, phase, score)] of its summary's score metric.
     """
+    if not log_dir.is_dir():
+        sys.exit(f"error: {log_dir} is not a folder of runs: make it with `python benchmarks/table.py run "
+                 f"--log-dir {log_dir}`, or give the --log-dir a sweep wrote to")
     runs: Dict[tuple, Dict] = {}
     skipped: List[tuple] = []
     for folder in sorted(path for path in log_dir.iterdir() if path.is_dir()):

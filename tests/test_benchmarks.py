@@ -412,3 +412,13 @@ def test_speed_report_plots_fidelity_against_sampler_steps(tmp_path):
     assert (tmp_path / "speed-sampler-steps.png").stat().st_size > 10_000
     # 16 steps, guided, against the reference's guided: 1/16 against 0.01.
     assert "ours, 16 steps against the reference settings (speed-fidelity-test.json): state_mmd +525%" in report
+
+
+@pytest.mark.parametrize("command", [["table.py", "report"], ["table.py", "curves"], ["finetune.py", "report"],
+                                     ["speed.py", "online"]], ids=" ".join)
+def test_a_missing_log_folder_is_one_line(command, tmp_path):
+    """The README's own example, before any sweep has run: one line, no traceback."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / command[0]), command[1], "--log-dir",
+                             str(tmp_path / "runs" / "table")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
