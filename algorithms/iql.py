@@ -534,7 +534,12 @@ def print_help(config_class: type) -> None:
     getsource = inspect.getsource
     inspect.getsource = functools.lru_cache(maxsize=None)(getsource)
     try:
-        pyrallis.argparsing.ArgumentParser(config_class=config_class).print_help()
+        parser = pyrallis.argparsing.ArgumentParser(config_class=config_class)
+        for action in parser._actions:  # the file option is --config here (--config_path also works)
+            if action.dest == "config_path":
+                action.option_strings, action.metavar = ["--config", "--config_path"], "FILE"
+                action.help = "YAML config file (configs/<domain>/<dataset>.yaml); the command line overrides it"
+        parser.print_help()
     finally:
         inspect.getsource = getsource
 

@@ -189,6 +189,7 @@ def test_help_lists_every_field_with_its_comment(algorithm, request):
     result = run_script(algorithm, "--help", timeout=120)
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
+    assert "[--config FILE]" in text and "--config FILE, --config_path FILE YAML config file" in text
     for option, comment in documented_fields(module.TrainConfig):
         assert f"{option} " in text, option
         assert comment[:30] in text, option
