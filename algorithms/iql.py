@@ -1394,6 +1394,21 @@ class RunLogger:
             self.wandb.finish()
 
 
+def result_line(summary: Dict[str, Any], path: Path) -> str:
+    """The run's result in one line: final (and best) evaluation of each phase, and where its summary is."""
+    metric = summary["score_metric"].split("/", 1)[1]
+    parts = []
+    for phase in ("offline", "online"):
+        values = summary[phase]
+        if values[f"final_{metric}"] is not None:
+            part = f"{phase} {values[f'final_{metric}']:.1f} (best {values[f'best_{metric}']:.1f})"
+            if values["final_success_rate"] is not None:
+                part += f", success {values['final_success_rate']:.2f} (best {values['best_success_rate']:.2f})"
+            parts.append(part)
+    label = "normalised score" if metric == "normalized_score" else "return"
+    return f"done: {label} {'; '.join(parts) or 'not evaluated'}; summary: {path}"
+
+
 def phase_summary(history: List[Dict[str, Any]], phase: str) -> Dict[str, Any]:
     """Final and best evaluation metrics of one phase."""
     evaluations = [record for record in history if record["phase"] == phase and "eval/return" in record]
@@ -1576,7 +1591,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
         config = resumed_config(TrainConfig, argv) or parse_config(TrainConfig, CONFIG_SECTIONS, argv)
         validate_config(config)
-        train(config)
+        summary = train(config)
+        print(result_line(summary, Path(config.log_dir) / config.name / "summary.json"), flush=True)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -35,6 +35,12 @@ def test_run_writes_summary_metrics_and_checkpoints(algorithm, tmp_path):
         assert summary[phase]["best_normalized_score"] >= summary[phase]["final_normalized_score"]
         assert summary[phase]["wall_clock_s"] > 0
     assert {"torch", "gymnasium", "mujoco"} <= set(summary["versions"])
+    # the run ends with its result in one line: each phase's final (best) score and where the summary is
+    offline, online = summary["offline"], summary["online"]
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"done: normalised score offline {offline['final_normalized_score']:.1f} "
+        f"(best {offline['best_normalized_score']:.1f}); online {online['final_normalized_score']:.1f} "
+        f"(best {online['best_normalized_score']:.1f}); summary: {run_dir / 'summary.json'}")
     # wall-clock numbers are only comparable with the threads and device they ran on
     assert summary["machine"]["torch_threads"] >= 1 and summary["machine"]["device"] == "cpu"
 
@@ -103,7 +109,7 @@ def test_same_seed_gives_same_metrics(algorithm, tmp_path, request):
     assert runs[0] != runs[2]
 
 
-def test_antmaze_run_reports_success_rate(iql, isolated_data, tmp_path):
+def test_antmaze_run_reports_success_rate(iql, isolated_data, tmp_path, capsys):
     rng = np.random.default_rng(0)
     n = 400
     timeouts = np.zeros(n, bool)
@@ -119,6 +125,8 @@ def test_antmaze_run_reports_success_rate(iql, isolated_data, tmp_path):
     assert summary["env"] == "D4RLAntMaze-umaze"
     assert summary["offline"]["final_success_rate"] == 0.0  # a random ant does not cross the maze
     assert summary["offline"]["final_normalized_score"] == 0.0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        "done: normalised score offline 0.0 (best 0.0), success 0.00 (best 0.00); online 0.0")
 
 
 def test_adroit_run_reports_success_rate(calql, isolated_data, tmp_path):
@@ -144,7 +152,9 @@ def test_run_without_reference_logs_raw_returns(iql, isolated_data, tmp_path, ca
     path = write_d4rl_file(isolated_data / "plain.hdf5", **rollout_arrays("Hopper-v5", 300),
                            attrs={"env_id": "Hopper-v5"})
     assert iql.main(["--dataset", f"hdf5:{path}", *TINY, "--log_dir", str(tmp_path), "--name", "raw"]) == 0
-    assert capsys.readouterr().err.count("has no reference returns") == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("has no reference returns") == 1
+    assert captured.out.strip().splitlines()[-1].startswith("done: return offline ")
     summary = json.loads((tmp_path / "raw" / "summary.json").read_text())
     assert summary["score_metric"] == "eval/return" and summary["online"]["final_normalized_score"] is None
     assert np.isfinite(summary["online"]["final_return"])
