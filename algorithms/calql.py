@@ -395,6 +395,7 @@ class CalQL:
 # ---------------------------------------------------------------------------------------------
 def train(config: TrainConfig) -> Dict[str, Any]:
     device = resolve_device(config.device)
+    note_cpu_scale(config, device)
     set_seed(config.seed)
     data, info = load_dataset(config.dataset, config.env)
     env = make_env(info, seed=config.seed)
@@ -707,6 +708,18 @@ def resolve_device(name: str) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
+
+
+def note_cpu_scale(config: Any, device: torch.device) -> None:
+    """One line when a full-scale budget is about to run on a CPU: days there, not a refusal."""
+    steps = config.offline_iterations + config.online_iterations
+    edis = getattr(config, "edis", None)
+    big_model = edis is not None and edis.width * edis.blocks >= 1024 * 6
+    if device.type == "cpu" and (steps >= 1_000_000 or big_model):
+        model = f", a {edis.width} x {edis.blocks} denoiser" if edis is not None else ""
+        print(f"note: a full-scale budget on a CPU ({config.offline_iterations:,} offline updates + "
+              f"{config.online_iterations:,} online steps{model}): expect days; configs/cpu/*.yaml are "
+              f"sized for a 2-core CPU", file=sys.stderr, flush=True)
 
 
 def set_seed(seed: int) -> None:
@@ -1039,6 +1052,18 @@ def collect_random_dataset(env_id: str, transitions: int, path: Path, seed: int 
     os.replace(partial, path)
 
 
+def offline_alternative(name: str) -> str:
+    """For a D4RL locomotion name: the CPU-sized config that runs on data made here instead."""
+    match = re.fullmatch(r"(hopper|walker2d|halfcheetah)-(random|medium|medium-replay|medium-expert|expert)-v2", name)
+    if not match:
+        return ""
+    env = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5"}[match.group(1)]
+    config = Path("configs") / "cpu" / f"{match.group(1)}-{match.group(2)}.yaml"
+    run = f" && python algorithms/{ALGORITHM}.py --config {config}" if config.is_file() else ""
+    return (f"; or, without internet, make D4RL-style data here: python benchmarks/collect.py --env {env} --kinds "
+            f"{match.group(2)}{run}")
+
+
 def load_dataset(source: str, env_override: str = "") -> Tuple[Dict[str, np.ndarray], DatasetInfo]:
     """Offline transitions (float32 arrays) and their DatasetInfo from a dataset string."""
     scheme, _, rest = source.partition(":")
@@ -1050,7 +1075,7 @@ def load_dataset(source: str, env_override: str = "") -> Tuple[Dict[str, np.ndar
                 download(url, path)
             except Exception as error:
                 raise UserError(f"{rest}: {path} is missing and the download failed ({error}); download {url} "
-                                f"and put it at {path} (or set D4RL_DATASET_DIR)") from None
+                                f"and put it at {path} (or set D4RL_DATASET_DIR){offline_alternative(rest)}") from None
         data = d4rl_transitions(read_d4rl_hdf5(path), info, info.max_episode_steps or 1000)
     elif scheme == "minari":
         data, info = load_minari(rest)

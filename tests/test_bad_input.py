@@ -129,6 +129,21 @@ def test_missing_d4rl_file_says_where_to_put_it(iql, capsys, isolated_data, monk
     expected = isolated_data / "d4rl" / "hopper_medium-v2.hdf5"
     assert f"put it at {expected}" in line and "gym_mujoco_v2/hopper_medium-v2.hdf5" in line
     assert not expected.exists()
+    # without internet: the CPU-sized config on data made here
+    assert line.endswith("python benchmarks/collect.py --env Hopper-v5 --kinds medium && "
+                         "python algorithms/iql.py --config configs/cpu/hopper-medium.yaml")
+
+
+def test_a_full_scale_budget_on_a_cpu_says_so_in_one_line(iql, capsys, monkeypatch):
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: (_ for _ in ()).throw(OSError("offline")))
+    assert iql.main(["--config", "configs/mujoco/hopper-medium-replay.yaml", "--device", "cpu"]) == 2
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: a full-scale")]
+    assert notes == ["note: a full-scale budget on a CPU (1,000,000 offline updates + 200,000 online steps): "
+                     "expect days; configs/cpu/*.yaml are sized for a 2-core CPU"]
+    assert iql.main(["--dataset", "random:Hopper-v5:300", *TINY]) == 0  # a small budget: no note
+    assert "note: a full-scale" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
