@@ -272,20 +272,30 @@ class SacTrainer:
         env.close()
         return float(np.mean(returns))
 
-    def train(self, stage: str, stop: Callable[[float], bool], budget: int, fine_from: float = np.inf) -> None:
+    def train(self, stage: str, stop: Callable[[float], bool], budget: int, fine_from: float = np.inf,
+              target: Optional[float] = None) -> None:
         """Trains in chunks that end in an evaluation until stop(evaluation) or the step budget.
 
         Chunks are --eval-every steps long, or --fine-eval-every once the last evaluation reached
         `fine_from`: a SAC's return can leap past the medium target between two coarse evaluations
-        (Hopper-v5: 572 to 2415 in 5k steps). Checkpoints stay on the --eval-every grid.
+        (Hopper-v5: 572 to 2415 in 5k steps). Checkpoints stay on the --eval-every grid. With a `target`
+        the budget is only a bound, so the bar shows the target and the best evaluation, not an ETA.
         """
         started = time.time()
         seconds = self.progress["seconds"].get(stage, 0.0)
-        with tqdm(total=budget, initial=self.model.num_timesteps, desc=f"SAC {stage} {self.args.env}",
-                  unit="step", mininterval=1.0) as bar:
+        since = (self.progress["medium_steps"] or 0) if stage == "expert" else 0
+        print(f"SAC {stage}: a checkpoint every {self.args.eval_every:,} steps; a killed collection loses the steps "
+              "since the last one and the same command resumes from it", flush=True)
+        until = f" until an evaluation reaches {target:.0f}" if target is not None else ""
+        with tqdm(total=budget, initial=self.model.num_timesteps, desc=f"SAC {stage} {self.args.env}{until}",
+                  unit="step", mininterval=1.0,
+                  bar_format="{desc}: {n_fmt} steps [{elapsed}, {rate_fmt}{postfix}]" if target is not None
+                  else None) as bar:
             progress = ProgressCallback(bar, self.recorder)
             if self.progress["evaluations"]:
                 progress.postfix["eval"] = f"{self.progress['evaluations'][-1][1]:.0f}"
+                if self.best_evaluation(since)[0]:
+                    progress.postfix["best"] = f"{self.best_evaluation(since)[1]:.0f}"
             while self.model.num_timesteps < budget:
                 evaluations = self.progress["evaluations"]
                 every = self.args.fine_eval_every if evaluations and evaluations[-1][1] >= fine_from else \
@@ -301,6 +311,7 @@ class SacTrainer:
                 self.progress["evaluations"].append((self.model.num_timesteps, evaluation))
                 self.progress["seconds"][stage] = seconds + time.time() - started
                 progress.postfix["eval"] = f"{evaluation:.0f}"
+                progress.postfix["best"] = f"{self.best_evaluation(since)[1]:.0f}"
                 bar.set_postfix(progress.postfix)
                 finished = stop(evaluation)
                 if finished or self.model.num_timesteps >= budget:
@@ -548,7 +559,7 @@ class Collection:
         trainer = self.sac()
         if trainer.progress["stage"] == "medium":
             target = self.args.target_return
-            trainer.train("medium", lambda evaluation: evaluation >= target, self.args.medium_budget,
+            trainer.train("medium", lambda evaluation: evaluation >= target, self.args.medium_budget, target=target,
                           fine_from=self.args.fine_eval_from * target)
             steps, reached = trainer.model.num_timesteps, trainer.progress["evaluations"][-1][1]
             if reached < target:

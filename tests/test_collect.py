@@ -170,6 +170,10 @@ def test_unreachable_target_says_what_it_reached_and_writes_nothing(tmp_path):
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: SAC did not reach the target return 100000.0 within --medium-budget 600")
+    # the bar shows the target and the best evaluation, not an ETA to a budget the stage never runs to
+    bar = result.stderr.replace("\r", "\n").strip().splitlines()[-2]
+    assert bar.startswith("SAC medium Hopper-v5 until an evaluation reaches 100000: 600 steps [") and ", best=" in bar
+    assert "a killed collection loses the steps since the last one" in result.stdout
     assert "best evaluation" in line
     folder = tmp_path / "data" / "collected" / "Hopper-v5-seed0"
     assert not list(folder.glob("*.hdf5")) and not (folder / "policies").exists()
