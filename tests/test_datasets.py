@@ -214,9 +214,17 @@ def test_recent_rows_are_the_last_added_oldest_first_across_the_wrap(iql_edis):
     assert iql_edis.recent_rows(buffer, 5)["x"][:, 0].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: on CPU the placement cannot differ")
-def test_replay_buffer_keeps_rows_and_batches_on_the_gpu(iql_edis):
-    buffer = iql_edis.ReplayBuffer(8, {"x": 3}, torch.device("cuda"))
+DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replay_buffer_keeps_rows_and_batches_on_its_device(iql_edis, device):
+    """Rows in, batches out, recent rows: all on the buffer's device. "meta" runs on any machine: a tensor made on
+    the CPU anywhere on the way (an index, a copy) would fail to mix with the meta rows, as it would cost a
+    host-device copy per batch on a GPU."""
+    buffer = iql_edis.ReplayBuffer(8, {"x": 3}, torch.device(device))
     buffer.add_batch(x=np.ones((5, 3), np.float32))  # numpy in, device tensors stored
-    assert buffer.data["x"].is_cuda and buffer.sample(4)["x"].is_cuda
-    assert iql_edis.recent_rows(buffer, 2)["x"].is_cuda
+    buffer.add(x=np.ones(3, np.float32))
+    assert len(buffer) == 6
+    for tensor in (buffer.data["x"], buffer.sample(4)["x"], iql_edis.recent_rows(buffer, 2)["x"]):
+        assert tensor.device.type == device and tensor.dtype == torch.float32

@@ -206,11 +206,16 @@ def test_transition_guidance_pulls_next_states_toward_the_positives_dynamics(edi
 
 
 def test_no_guidance_is_plain_sampling(edis):
+    """All scales 0: no energy exists, and the guided sampler draws exactly what the unguided one draws."""
     config = small_config(edis, guidance_state=0.0, guidance_policy=0.0, guidance_transition=0.0)
     energies = edis.TransitionEnergies(edis.TransitionLayout(2, 1, False), config, torch.device("cpu"))
     assert energies.active == [] and energies.networks == {}
-    x = torch.randn(5, 6)
-    assert torch.equal(energies.guidance(x, torch.ones(5)), torch.zeros_like(x))
+    diffusion = edis.TransitionDiffusion(6, config, torch.device("cpu"))
+    torch.manual_seed(0)
+    plain, _ = diffusion.sample(8)
+    torch.manual_seed(0)
+    guided, _ = diffusion.sample(8, guidance=energies.guidance)
+    assert torch.equal(plain, guided) and plain.std() > 0
 
 
 def test_guidance_is_queried_only_at_the_levels_energies_are_trained_at(edis):

@@ -31,8 +31,10 @@ def test_run_writes_summary_metrics_and_checkpoints(algorithm, tmp_path):
     assert summary["offline"]["iterations"] == 30
     for phase in ("offline", "online"):
         assert summary[phase]["evaluations"] == 2  # offline: update 20 and 30; online: env step 25 and 30
-        assert np.isfinite(summary[phase]["final_normalized_score"])
-        assert summary[phase]["best_normalized_score"] >= summary[phase]["final_normalized_score"]
+        scores = [r["eval/normalized_score"] for r in read_metrics(run_dir)
+                  if r["phase"] == phase and "eval/normalized_score" in r]
+        assert summary[phase]["final_normalized_score"] == scores[-1] and np.isfinite(scores[-1])
+        assert summary[phase]["best_normalized_score"] == max(scores)
         assert summary[phase]["wall_clock_s"] > 0
     assert {"torch", "gymnasium", "mujoco"} <= set(summary["versions"])
     # the run ends with its result in one line: each phase's final (best) score and where the summary is
@@ -142,8 +144,11 @@ def test_adroit_run_reports_success_rate(calql, isolated_data, tmp_path):
                        "--log_dir", str(tmp_path), "--name", "pen"]) == 0
     summary = json.loads((tmp_path / "pen" / "summary.json").read_text())
     assert summary["env"] == "AdroitHandPen-v1"
-    assert summary["online"]["final_success_rate"] in (0.0, 1.0)
-    assert summary["online"]["final_normalized_score"] is not None
+    # the success rate (its computation is checked exactly in test_evaluation.py) reaches the records and summary
+    evaluations = [r for r in read_metrics(tmp_path / "pen") if "eval/success_rate" in r]
+    assert [r["phase"] for r in evaluations] == ["offline", "online"]
+    assert summary["online"]["final_success_rate"] == evaluations[-1]["eval/success_rate"]
+    assert summary["online"]["final_normalized_score"] == evaluations[-1]["eval/normalized_score"]
 
 
 def test_run_without_reference_logs_raw_returns(iql, isolated_data, tmp_path, capsys):
