@@ -92,6 +92,7 @@ def test_table_prints_one_command_per_run():
                         "--name iql--adroit__pen-cloned--seed0 --log_dir runs/table --device cuda")
 
 
+@pytest.mark.slow
 def test_speed_costs_and_report_give_every_file_the_refresh_split_and_ratios(tmp_path):
     speed = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--results", str(tmp_path)]
     result = subprocess.run([*speed, "costs", "--sizes", "Hopper", "--updates", "2", "--repeats", "1", "--rows", "64",
@@ -183,6 +184,7 @@ def side_by_side_ratio() -> float:
     return (time.time() - started) / serial
 
 
+@pytest.mark.slow
 def test_table_workers_run_side_by_side(tmp_path):
     """Two runs with --workers 2 take clearly less wall-clock than the same two runs one after the other."""
     ratio = side_by_side_ratio()
@@ -203,6 +205,7 @@ def test_table_workers_run_side_by_side(tmp_path):
     assert again.stdout.count("done before, skipped") == 2
 
 
+@pytest.mark.slow
 def test_table_run_reports_a_failing_run_and_goes_on(tmp_path):
     data = tmp_path / "pendulum.hdf5"
     write_pendulum_dataset(data, episodes=10)
@@ -241,6 +244,7 @@ def test_slurm_script_runs_line_of_its_array_task(tmp_path):
         assert shlex.split(ran[0]) == shlex.split(expected[task - 1]) and ran[1] == "4"
 
 
+@pytest.mark.slow
 def test_a_run_that_died_starts_over_without_its_partial_logs(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from table import run_jobs
@@ -256,6 +260,7 @@ def test_a_run_that_died_starts_over_without_its_partial_logs(tmp_path):
     assert run_jobs([("job", ["python", "-c", "raise SystemExit(3)"])], tmp_path, workers=1, threads_per_run=1) == 0
 
 
+@pytest.mark.slow
 def test_a_job_waits_for_the_job_it_needs_and_is_not_started_when_that_failed(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from table import run_jobs
@@ -280,6 +285,7 @@ def test_a_job_waits_for_the_job_it_needs_and_is_not_started_when_that_failed(tm
     assert sorted(ran) == ["broken", "finetune", "independent", "pretrain"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_by_the_system_is_tried_again_and_a_failing_one_is_not(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from table import run_jobs
@@ -316,6 +322,7 @@ def process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="pause finds runs through Linux /proc")
 def test_pause_stops_only_the_runs_of_its_log_dir_and_logs_them(tmp_path):
     (tmp_path / "algorithms").mkdir()

@@ -17,6 +17,8 @@ import pytest
 import torch
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # SAC collections
+
 COLLECT = ROOT / "benchmarks" / "collect.py"
 # A SAC small enough to train 1,500 steps in seconds; target -1000 ends the medium stage at the first evaluation.
 TINY = ["--steps", "600", "--target-return", "-1000", "--eval-every", "300", "--fine-eval-every", "100",

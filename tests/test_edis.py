@@ -28,6 +28,7 @@ def two_mode_transitions(n: int) -> torch.Tensor:
     return torch.cat([states, torch.randn(n, 1), torch.randn(n, 1), torch.randn(n, 2)], 1)
 
 
+@pytest.mark.slow
 def test_guidance_moves_samples_to_the_positive_mode(edis):
     """Positives come from one mode only; guided samples must land there far more often than unguided ones."""
     torch.manual_seed(0)
@@ -136,6 +137,7 @@ def test_each_energy_negatives_differ_from_the_positive_in_its_own_block_only(ed
         assert torch.equal(negatives, torch.tensor(block, dtype=torch.float32).expand(4, 3, -1)), name
 
 
+@pytest.mark.slow
 def test_inpainting_holds_the_block_and_draws_the_rest_given_it(edis):
     """s' = s + a in the data: with (s, a) held, the sampled s' must follow it about as closely as the model's
     own joint samples do (E_transition's negatives are such draws), where replacement alone does not."""
@@ -162,6 +164,7 @@ def test_inpainting_holds_the_block_and_draws_the_rest_given_it(edis):
     assert error(replaced) > 4 * error(held), (error(replaced), error(held))
 
 
+@pytest.mark.slow
 def test_transition_guidance_pulls_next_states_toward_the_positives_dynamics(edis):
     """The data mix two dynamics, s' = s + a and s' = s - a, so the model's p(s' | s, a) has both modes;
     the positives follow s' = s + a only. E_transition, trained against the model's own draws given each
@@ -235,6 +238,7 @@ def test_guidance_is_queried_only_at_the_levels_energies_are_trained_at(edis):
     assert trajectory.shape == (len(levels), 7, 6)  # negatives at every one of those levels
 
 
+@pytest.mark.slow
 def test_unguided_sampler_reproduces_a_gaussian(edis):
     torch.manual_seed(0)
     mean = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0, -1.0])
@@ -274,6 +278,7 @@ TINY_EDIS = ["--offline_iterations", "60", "--online_iterations", "120", "--eval
     ("calql_edis", ["--edis.include_terminal", "true", "--edis.retrain_from_scratch", "true",
                     "--online_iterations", "150"], 2, None, [60, 120]),
 ])
+@pytest.mark.slow
 def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, fits, updates, refresh_steps, tmp_path):
     result = run_script(algorithm, "--dataset", "random:Hopper-v5:1000", *TINY_EDIS, *options, "--log_dir",
                         str(tmp_path), "--name", "run")
@@ -325,6 +330,7 @@ def test_cal_ql_policy_log_likelihood_metric_is_not_set_by_clamped_actions(calql
     assert (metric - read_at_float_precision).mean() > 5  # what the clamped rows would have cost before
 
 
+@pytest.mark.slow
 def test_simulator_labels_give_generated_rows_the_simulators_dynamics(edis, tmp_path, monkeypatch):
     """edis.simulator_labels: each generated (s, a) is stepped in the simulator, which sets its (r, s', done)."""
     generated = []
@@ -362,6 +368,7 @@ def test_simulator_labels_need_an_env_whose_observation_is_its_state(tmp_path):
         "(Hopper, Walker2d, HalfCheetah), not Pendulum-v1")
 
 
+@pytest.mark.slow
 def test_edis_without_guidance_is_unguided_replay(edis, tmp_path):
     """All three scales at 0: the SynthER-style ablation; no energy is trained."""
     code = edis.main(["--dataset", "random:Hopper-v5:1000", *TINY_EDIS, "--log_dir", str(tmp_path), "--name", "off",
@@ -387,6 +394,7 @@ def test_edis_section_and_dotted_overrides(edis, tmp_path):
         edis.parse_config(edis.TrainConfig, edis.CONFIG_SECTIONS, ["--edis.nothing", "1"])
 
 
+@pytest.mark.slow
 def test_base_checkpoint_feeds_edis_and_edis_checkpoints_keep_the_model(iql, edis, tmp_path):
     checkpoints = tmp_path / "ckpt"
     assert iql.main(["--dataset", "random:Hopper-v5:1000", "--offline_iterations", "60", "--online_iterations", "0",

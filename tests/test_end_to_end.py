@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import ALGORITHMS, run_script, write_d4rl_file
 
+pytestmark = pytest.mark.slow  # whole runs of each algorithm
+
 TINY = ["--offline_iterations", "30", "--online_iterations", "30", "--offline_eval_freq", "20", "--eval_freq", "25",
         "--n_episodes", "2",
         "--log_freq", "10", "--batch_size", "32", "--wandb_mode", "disabled", "--device", "cpu"]

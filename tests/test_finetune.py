@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, run_script
 
 FINETUNE = ROOT / "benchmarks" / "finetune.py"
@@ -51,6 +52,7 @@ def test_variants_share_one_checkpoint_and_the_edis_algorithms_settings(tmp_path
     assert reference["--edis.replay"] == "reference" and "--edis.replay" not in edis
 
 
+@pytest.mark.slow
 def test_offline_rows_variant_replays_offline_rows_and_never_samples(tmp_path):
     """iql_edis_offline_rows is the paper's loop with no refresh: nothing is fitted or generated, ever."""
     printed = finetune("run", "--configs", "configs/cpu/hopper-medium-replay.yaml", "--seeds", "0", "--log-dir",
@@ -187,6 +189,7 @@ def test_report_shows_a_diverging_critic_per_seed(tmp_path):
     assert (tmp_path / "out" / "finetune.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_a_sweep_on_a_fresh_machine_remakes_a_lost_checkpoint_and_refuses_a_different_one(iql, tmp_path):
     """A pretraining run whose checkpoint is gone is run again for the fine-tuning runs still to do, and must give
     the weights the earlier ones started from; a sweep continued on other data is refused. The config's

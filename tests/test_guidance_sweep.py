@@ -5,7 +5,10 @@ import math
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, run_script
+
+pytestmark = pytest.mark.slow  # a refresh rebuilt end to end
 
 TINY_EDIS = ["--edis.initial_fit_steps", "50", "--edis.refresh_fit_steps", "50", "--edis.width", "32",
              "--edis.blocks", "1", "--edis.sample_steps", "4", "--edis.negative_pool", "64",

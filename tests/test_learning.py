@@ -13,6 +13,8 @@ import json
 import pytest
 from conftest import write_pendulum_dataset
 
+pytestmark = pytest.mark.slow  # learning checks: minutes
+
 MARGIN = 150.0  # the learned policy must beat the data's mean return by this much
 
 

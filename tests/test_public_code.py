@@ -164,6 +164,7 @@ PUBLIC_CODE, PUBLIC_PYTHON = os.environ.get("EDIS_PUBLIC_CODE"), os.environ.get(
 @pytest.mark.skipif(not (PUBLIC_CODE and PUBLIC_PYTHON),
                     reason="needs a checkout of github.com/liuxhym/EDIS (EDIS_PUBLIC_CODE) and the environment that "
                            "`benchmarks/public_code.py setup` makes (EDIS_PUBLIC_PYTHON)")
+@pytest.mark.slow
 def test_end_to_end_on_tiny_data(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "run", "--public-code", PUBLIC_CODE, "--python", PUBLIC_PYTHON, "--config",

@@ -27,6 +27,8 @@ TINY_EDIS = ["--edis.refresh_every", "50", "--edis.initial_fit_steps", "30", "--
              "--edis.metric_samples", "50", "--edis.energy_hidden", "16", "--edis.energy_layers", "1"]
 LAUNCHER = """
 import importlib.util, os, signal, sys
+
+pytestmark = pytest.mark.slow  # runs killed and resumed
 path, target, kill_on_call = sys.argv[1], sys.argv[2], int(sys.argv[3])
 spec = importlib.util.spec_from_file_location("algorithm", path)
 module = importlib.util.module_from_spec(spec)
