@@ -41,7 +41,7 @@ import urllib.request
 import uuid
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import gymnasium as gym
 import h5py
@@ -600,7 +600,7 @@ class TransitionEnergies:
         own = torch.ones_like(self.masks[name]) if name == "state" else self.masks[name]
         return drawn * own + positive[:, None] * (1 - own)
 
-    def train(self, positives: torch.Tensor, policy_positives: torch.Tensor, trajectory: torch.Tensor,
+    def fit(self, positives: torch.Tensor, policy_positives: torch.Tensor, trajectory: torch.Tensor,
               levels: torch.Tensor, epochs: int, conditioned: Optional[torch.Tensor] = None,
               conditioned_trajectory: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """positives, policy_positives: standardised transitions (N, dim); trajectory: the sampler's states at
@@ -700,17 +700,22 @@ def check_finite_values(values: Dict[str, float], where: str) -> None:
             raise NonFiniteError(f"{name} became NaN or inf {where}")
 
 
+class EnergyNegatives(NamedTuple):
+    unguided: torch.Tensor  # the free runs' ends: unguided samples of the model
+    trajectory: torch.Tensor  # the free runs at every guidance level (levels x runs x dim)
+    conditioned: Optional[torch.Tensor]  # the positives whose (s, a) E_transition's runs held (None: no E_transition)
+    conditioned_trajectory: Optional[torch.Tensor]  # those runs at every guidance level
+
+
 def draw_energy_negatives(diffusion: TransitionDiffusion, energies: TransitionEnergies, positives: torch.Tensor,
-                          config: EDISConfig
-                          ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+                          config: EDISConfig) -> EnergyNegatives:
     """Sampler runs recorded at every guidance level: negative_pool free runs (E_state's and E_policy's negatives;
     their ends are the unguided reference) and, for E_transition, energy_negatives runs per chosen positive that hold
-    its (s, a), so that E_transition learns against p_model(r, s' | s, a), not the model's marginal (r, s').
-    Returns (unguided samples, trajectory, conditioned positives or None, their runs' trajectory or None)."""
+    its (s, a), so that E_transition learns against p_model(r, s' | s, a), not the model's marginal (r, s')."""
     with torch.no_grad():
         unguided, trajectory = diffusion.sample(config.negative_pool, record=True)
         if "transition" not in energies.active:
-            return unguided, trajectory, None, None
+            return EnergyNegatives(unguided, trajectory, None, None)
         rows = torch.randperm(len(positives), device=positives.device)[:config.transition_pool
                                                                        // config.energy_negatives]
         conditioned = positives[rows]
@@ -718,7 +723,7 @@ def draw_energy_negatives(diffusion: TransitionDiffusion, energies: TransitionEn
             len(rows) * config.energy_negatives, record=True,
             known=conditioned.repeat_interleave(config.energy_negatives, 0),
             known_mask=energies.masks["state"] + energies.masks["policy"])
-    return unguided, trajectory, conditioned, conditioned_trajectory
+    return EnergyNegatives(unguided, trajectory, conditioned, conditioned_trajectory)
 
 
 class EDIS:
@@ -792,13 +797,13 @@ class EDIS:
         positives = self.diffusion.normalize(self.layout.join(recent))
         on_policy = dict(recent, actions=sample_policy_actions(agent, recent["states"]))
         policy_positives = self.diffusion.normalize(self.layout.join(on_policy))
-        unguided, trajectory, conditioned, conditioned_trajectory = draw_energy_negatives(
-            self.diffusion, self.energies, positives, config)
+        negatives = draw_energy_negatives(self.diffusion, self.energies, positives, config)
         levels = self.diffusion.guidance_levels()
         sampling_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        for name, loss in self.energies.train(positives, policy_positives, trajectory, levels, config.energy_epochs,
-                                              conditioned, conditioned_trajectory).items():
+        for name, loss in self.energies.fit(positives, policy_positives, negatives.trajectory, levels,
+                                            config.energy_epochs, negatives.conditioned,
+                                            negatives.conditioned_trajectory).items():
             log[f"edis/energy_loss_{name}"] = loss
         check_finite_values({key: value for key, value in log.items() if key.startswith("edis/energy_loss")},
                             f"in the energy training of refresh {self.refreshes}")
@@ -825,7 +830,7 @@ class EDIS:
         self.generated.add_batch(**generated)
         log["edis/time_sampling_s"] = sampling_seconds + time.perf_counter() - start
         log["edis/generated"] = float(len(self.generated))
-        self.last_samples = {"guided": guided, "unguided": unguided, "online_states": recent["states"]}
+        self.last_samples = {"guided": guided, "unguided": negatives.unguided, "online_states": recent["states"]}
         return log
 # ==== END SHARED: EDIS refresh ====
 

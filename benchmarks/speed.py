@@ -169,7 +169,7 @@ def time_refresh_pieces(state_dim: int, action_dim: int, device: torch.device, r
     levels = torch.linspace(0.01, 10, 8, device=device)
     conditioned = positives[:64]
     conditioned_trajectory = torch.randn(8, 64 * config.energy_negatives, layout.dim, device=device)
-    per_call = median_seconds(lambda: energies.train(positives, positives, trajectory, levels, 1, conditioned,
+    per_call = median_seconds(lambda: energies.fit(positives, positives, trajectory, levels, 1, conditioned,
                                                      conditioned_trajectory), device, repeats)
     costs["energy_update"] = per_call / 2 / len(energies.active)  # 2 batches x 3 energies per call
     return costs

@@ -81,7 +81,7 @@ def test_refresh_syncs_do_not_grow_with_steps_epochs_or_samples(name, request):
             with torch.no_grad():
                 _, trajectory = diffusion.sample(32, record=True)
                 _, conditioned = diffusion.sample(20, record=True, known=data[:20], known_mask=energies.masks["state"])
-            energies.train(data[:40], data[:40], trajectory, diffusion.guidance_levels(), epochs, data[:5],
+            energies.fit(data[:40], data[:40], trajectory, diffusion.guidance_levels(), epochs, data[:5],
                            conditioned)
             with torch.no_grad():
                 diffusion.sample(64, guidance=energies.guidance)

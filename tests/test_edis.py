@@ -41,7 +41,7 @@ def test_guidance_moves_samples_to_the_positive_mode(edis):
     energies = edis.TransitionEnergies(layout, config, torch.device("cpu"))
     with torch.no_grad():
         _, trajectory = diffusion.sample(config.negative_pool, record=True)
-    energies.train(positives, positives, trajectory, diffusion.guidance_levels(), config.energy_epochs)
+    energies.fit(positives, positives, trajectory, diffusion.guidance_levels(), config.energy_epochs)
     guided, _ = diffusion.sample(2000, guidance=energies.guidance)
     with torch.no_grad():
         unguided, _ = diffusion.sample(2000)
@@ -190,7 +190,7 @@ def test_transition_guidance_pulls_next_states_toward_the_positives_dynamics(edi
     held, least_noise = conditioned.repeat_interleave(config.energy_negatives, 0), diffusion.guidance_levels()[-1]
     assert (conditioned_trajectory[-1, :, :2] - held[:, :2]).abs().max() < 6 * least_noise
     assert (conditioned_trajectory[-1, :, 3] - held[:, 3]).abs().mean() > 20 * least_noise
-    losses = energies.train(positives, positives, trajectory, diffusion.guidance_levels(), config.energy_epochs,
+    losses = energies.fit(positives, positives, trajectory, diffusion.guidance_levels(), config.energy_epochs,
                             conditioned, conditioned_trajectory)
     guided, _ = diffusion.sample(2000, guidance=energies.guidance)
     with torch.no_grad():
