@@ -123,6 +123,7 @@ class TrainConfig:
     seed: int = 0  # seed of torch, numpy and the training env
     eval_seed: int = 0  # seed of the evaluation env
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    threads: int = 1  # torch threads; 1 does not wait on cores other processes hold (docs/runs.md); 0: one per core
     offline_iterations: int = 1_000_000  # gradient updates on the offline dataset
     online_iterations: int = 1_000_000  # environment steps during fine-tuning, one update each
     offline_eval_freq: int = 50_000  # evaluate every this many offline updates (and at the end of pretraining)
@@ -1027,6 +1028,7 @@ def policy_log_prob(agent: CalQL, states: torch.Tensor, actions: torch.Tensor) -
 def train(config: TrainConfig) -> Dict[str, Any]:
     device = resolve_device(config.device)
     note_cpu_scale(config, device)
+    set_threads(config.threads)
     set_seed(config.seed)
     data, info = load_dataset(config.dataset, config.env)
     env = make_env(info, seed=config.seed)
@@ -1345,6 +1347,7 @@ def validate_common_config(config: Any) -> None:
         check_range(config, name, 0, math.inf)
     for name in ("n_episodes", "eval_envs", "offline_eval_freq", "eval_freq", "log_freq", "batch_size", "buffer_size"):
         check_range(config, name, 1, math.inf)
+    check_range(config, "threads", 0, math.inf)
     if config.offline_iterations + config.online_iterations == 0 and not config.load_model:
         raise UserError("offline_iterations and online_iterations are both 0: nothing to do")
     if config.wandb_mode not in ("online", "offline", "disabled"):
@@ -1364,6 +1367,12 @@ def resolve_device(name: str) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
+
+
+def set_threads(threads: int) -> None:
+    """torch's threads for this run's tensor operations; 0 keeps torch's default, one per core."""
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def note_cpu_scale(config: Any, device: torch.device) -> None:

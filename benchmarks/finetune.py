@@ -87,7 +87,8 @@ VARIANTS = {
     "calql_edis_simulator_labels_unguided": ("calql_edis", "calql_edis", SIMULATOR_LABELS + UNGUIDED),
 }
 # Fields that name or place a run rather than define the algorithm.
-NOT_SETTINGS = {"seed", "name", "group", "project", "log_dir", "checkpoints_path", "load_model", "wandb_mode", "edis"}
+NOT_SETTINGS = {"seed", "threads", "name", "group", "project", "log_dir", "checkpoints_path", "load_model",
+                "wandb_mode", "edis"}
 FIDELITY = ("state_mmd", "policy_loglik", "actions_out_of_bounds", "dynamics_state_mse", "dynamics_reward_mae",
             "dynamics_terminal_error")
 # (TD loss, value) as each base algorithm logs them under train/: IQL, then Cal-QL.
@@ -176,7 +177,7 @@ def plan(args: argparse.Namespace) -> List[tuple]:
                 # --online_iterations 0 comes last: the options after -- (an online budget, say) are for every run,
                 # but a pretraining run never goes online.
                 command = ["python", f"algorithms/{base}.py", "--config", config, "--seed", str(seed),
-                           "--name", pretraining, "--log_dir", args.log_dir,
+                           "--threads", str(args.threads_per_run), "--name", pretraining, "--log_dir", args.log_dir,
                            "--checkpoints_path", str(Path(args.log_dir) / "checkpoints"), *overrides, *base_extra,
                            "--online_iterations", "0"]
                 jobs.append((pretraining, command, None))
@@ -191,8 +192,8 @@ def plan(args: argparse.Namespace) -> List[tuple]:
                     own = [*overrides, *base_extra] if script == base else args.extra
                     name = finetune_name(variant, key, seed)
                     jobs.append((name, ["python", f"algorithms/{script}.py", "--config", config, "--seed", str(seed),
-                                        "--name", name, "--log_dir", args.log_dir, *own, *extra,
-                                        "--load_model", str(checkpoint)], pretraining))
+                                        "--threads", str(args.threads_per_run), "--name", name, "--log_dir",
+                                        args.log_dir, *own, *extra, "--load_model", str(checkpoint)], pretraining))
     return jobs
 
 
@@ -679,7 +680,8 @@ def main() -> int:
     run_parser.add_argument("--data-dir", default=None,
                             help="EDIS_DATA_DIR of every run: where collected: datasets are read (the data committed "
                                  "beside a result); default: the environment's")
-    run_parser.add_argument("--threads-per-run", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    run_parser.add_argument("--threads-per-run", type=int, default=1,
+                            help="torch threads of each run (its --threads, and OMP_NUM_THREADS)")
     run_parser.add_argument("--workers", type=int, default=None, help="runs at a time (default: cores // threads)")
     run_parser.add_argument("--retries", type=int, default=2,
                             help="attempts after a run is killed by a signal (it resumes from its snapshot)")

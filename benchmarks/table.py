@@ -74,7 +74,8 @@ def commands(args: argparse.Namespace) -> List[tuple]:
             for seed in args.seeds:
                 name = run_name(algorithm, key, seed)
                 command = ["python", str(script.relative_to(ROOT)), "--config", config, "--seed", str(seed),
-                           "--name", name, "--log_dir", args.log_dir, *args.extra]
+                           "--threads", str(args.threads_per_run), "--name", name, "--log_dir", args.log_dir,
+                           *args.extra]
                 jobs.append((name, command))
     return jobs
 
@@ -465,7 +466,7 @@ def main() -> int:
     run_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     run_parser.add_argument("--log-dir", default="runs/table")
     run_parser.add_argument("--threads-per-run", type=int, default=1,
-                            help="torch/OpenMP threads of each run (OMP_NUM_THREADS)")
+                            help="torch threads of each run (its --threads, and OMP_NUM_THREADS)")
     run_parser.add_argument("--workers", type=int, default=None,
                             help="runs at a time (default: the machine's cores // --threads-per-run)")
     run_parser.add_argument("--retries", type=int, default=2,

@@ -89,7 +89,7 @@ def test_table_prints_one_command_per_run():
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 8  # 4 algorithms x 2 seeds
     assert lines[0] == ("python algorithms/iql.py --config configs/adroit/pen-cloned.yaml --seed 0 "
-                        "--name iql--adroit__pen-cloned--seed0 --log_dir runs/table --device cuda")
+                        "--threads 1 --name iql--adroit__pen-cloned--seed0 --log_dir runs/table --device cuda")
 
 
 @pytest.mark.slow
@@ -224,8 +224,10 @@ def test_table_run_reports_a_failing_run_and_goes_on(tmp_path):
 def test_slurm_script_runs_line_of_its_array_task(tmp_path):
     """Runs the written script with bash, a stand-in `python` on PATH recording what it was asked to run."""
     printed = subprocess.run([sys.executable, str(TABLE), "run", "--configs", "configs/adroit/pen-cloned.yaml",
-                              "--seeds", "0", "1", "--print-commands"], capture_output=True, text=True, cwd=ROOT)
+                              "--seeds", "0", "1", "--print-commands", "--threads-per-run", "4"], capture_output=True,
+                             text=True, cwd=ROOT)
     expected = printed.stdout.strip().splitlines()
+    assert all("--threads 4" in line for line in expected)  # each run's own torch threads
     script = tmp_path / "jobs.sbatch"
     subprocess.run([sys.executable, str(TABLE), "run", "--configs", "configs/adroit/pen-cloned.yaml", "--seeds", "0",
                     "1", "--slurm", str(script), "--threads-per-run", "4"], check=True, capture_output=True, cwd=ROOT)
