@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The second fine-tuning sweep, exactly as it runs: from the root of a clone at the commit that sweeps.jsonl records,
-# on the data in data/ (committed, sha256 in data-fingerprints.json), two runs at a time, one thread each.
-# Finished runs are skipped and killed ones resume from their snapshots, so running it again continues the sweep.
+# The second fine-tuning sweep: from the root of a clone at the commit that sweeps.jsonl records, on the data in data/
+# (committed, sha256 in data-fingerprints.json), WORKERS runs at a time (default 2), one thread each. Finished runs are
+# skipped and killed ones resume from their snapshots, so running it again continues the sweep; the order of the parts
+# and the number of workers do not change any run. sweeps.jsonl records every invocation as it was made (the parts
+# were also started one by one, side by side with one worker each).
 # The checkpoint each seed's variants fine-tune from is committed in checkpoints/ (weights in
 # checkpoint-fingerprints.json): on another machine the remaining runs start from the same weights.
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 LOG=benchmarks/results/second-sweep
 sweep() {
-    python benchmarks/finetune.py run --log-dir "$LOG" --data-dir "$LOG/data" --workers 2 --threads-per-run 1 "$@" \
+    python benchmarks/finetune.py run --log-dir "$LOG" --data-dir "$LOG/data" --workers "${WORKERS:-2}" \
+        --threads-per-run 1 "$@" \
         || echo "some runs failed: the list is above; running this script again retries them"
 }
 # Walker2d-v5: where the paper's loop collapses, and what causes it (IQL, IQL-EDIS's settings, 5 seeds)
