@@ -690,24 +690,18 @@ class EDIS:
     `refresh` is one round of the method: fit the diffusion model (on offline + online data), train
     the energies on the most recent online transitions, refill the generated buffer with guided
     samples. It keeps those samples and unguided ones of the same model in `last_samples`, which
-    `measure_refresh` (machinery, below) turns into the fidelity metrics.
+    `measure_refresh` (machinery, below) turns into the fidelity metrics against a simulator.
     """
 
     def __init__(self, config: EDISConfig, state_dim: int, action_dim: int, max_action: float,
-                 device: torch.device, fidelity_env: gym.Env, state_mean: np.ndarray, state_std: np.ndarray,
-                 reward_scale: float, reward_bias: float):
+                 device: torch.device):
         self.config, self.device, self.max_action = config, device, max_action
         self.layout = TransitionLayout(state_dim, action_dim, config.include_terminal)
         self.diffusion = TransitionDiffusion(self.layout.dim, config, device, int(config.include_terminal))
         self.energies = TransitionEnergies(self.layout, config, device)
         columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1}
         self.generated = ReplayBuffer(config.num_samples, columns, device)
-        self.fidelity_env, self.state_mean, self.state_std = fidelity_env, state_mean, state_std
-        self.reward_scale, self.reward_bias = reward_scale, reward_bias
-        self.refreshes, self.fidelity_note_shown = 0, False
-        if config.simulator_labels and not observation_gives_state(fidelity_env):
-            raise UserError(f"edis.simulator_labels needs an env whose observation gives its simulator state "
-                            f"({', '.join(STATE_FROM_OBSERVATION)}), not {fidelity_env.spec.id}")
+        self.refreshes = 0
 
     def state_dict(self) -> Dict[str, Any]:
         """Diffusion model (with its EMA, optimiser and standardisation) and energies, for checkpoints."""
@@ -731,8 +725,11 @@ class EDIS:
                 self.energies.optimizers[name].load_state_dict(state["energy_optimizers"][name])
         self.refreshes = state["refreshes"]
 
-    def refresh(self, offline: Dict[str, torch.Tensor], online_buffer: "ReplayBuffer", agent: Any) -> Dict[str, float]:
-        """One EDIS round. Without online data yet, only the diffusion model is fitted."""
+    def refresh(self, offline: Dict[str, torch.Tensor], online_buffer: "ReplayBuffer", agent: Any,
+                relabel: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None
+                ) -> Dict[str, float]:
+        """One EDIS round. Without online data yet, only the diffusion model is fitted. `relabel` (a diagnostic,
+        edis.simulator_labels) replaces the generated rows' (r, s', done) before they are stored."""
         config, log = self.config, {}
         columns = ("states", "actions", "rewards", "next_states", "dones")
         online = recent_rows(online_buffer, len(online_buffer))
@@ -782,8 +779,8 @@ class EDIS:
         if config.include_terminal:  # the data's share is about 1 / mean episode length
             log["edis/generated_terminal_share"] = float(generated["dones"].mean())
         generated["actions"] = generated["actions"].clamp(-self.max_action, self.max_action)
-        if config.simulator_labels:  # tells the model's dynamics errors from its choice of (s, a)
-            generated.update(simulator_labels(self, generated))
+        if relabel is not None:
+            generated.update(relabel(generated))
         self.generated.size = self.generated.pointer = 0  # the new samples replace the old ones
         self.generated.add_batch(**generated)
         log["edis/time_sampling_s"] = sampling_seconds + time.perf_counter() - start
@@ -963,8 +960,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     # Filled once, exactly: offline_buffer.data holds the offline data in order (what a refresh fits).
     offline_buffer.add_batch(**{name: values[-offline_capacity:] for name, values in offline.items()})
     online_buffer = ReplayBuffer(max(min(config.buffer_size, config.online_iterations), 1), columns, device)
-    edis = EDIS(config.edis, state_dim, action_dim, max_action, device, fidelity_env, state_mean, state_std,
-                reward_scale, reward_bias)
+    simulator = Simulator(fidelity_env, state_mean, state_std, reward_scale, reward_bias)  # for the measurements
+    relabel = relabel_with(simulator, device, config.edis.simulator_labels)
+    edis = EDIS(config.edis, state_dim, action_dim, max_action, device)
     generated_batch_size = int(config.batch_size * config.edis.mix_ratio)
     online_batch_size = config.batch_size - generated_batch_size
 
@@ -1019,8 +1017,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 refreshed = collector.env_steps % config.edis.refresh_every == 0 and (
                     t + 1 < total or config.edis.replay == "reference")
                 if refreshed:
-                    refresh_log = edis.refresh(offline_buffer.data, online_buffer, agent)
-                    refresh_log.update(measure_refresh(edis, offline_buffer.data, agent))
+                    refresh_log = edis.refresh(offline_buffer.data, online_buffer, agent, relabel)
+                    refresh_log.update(measure_refresh(edis, simulator, offline_buffer.data, agent))
                     logger.log({**refresh_log, "env_steps": collector.env_steps}, t + 1, phase)
                 if config.edis.replay == "reference":
                     # The public code's loop: plain IQL fine-tuning on offline + online data, except that
@@ -1408,16 +1406,41 @@ def mean_and_standard_error(values: np.ndarray) -> Tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(max(len(values), 1)))
 
 
-def simulator_labels(edis: "EDIS", rows: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The simulator's (r, s', done) for each row's (s, a), in the agent's units (`edis.simulator_labels`)."""
-    states = rows["states"].cpu().numpy() * edis.state_std + edis.state_mean
-    next_states, rewards, terminated = simulator_steps(edis.fidelity_env, states, rows["actions"].cpu().numpy())
-    labels = {"next_states": (next_states - edis.state_mean) / edis.state_std, "dones": terminated[:, None],
-              "rewards": rewards[:, None] * edis.reward_scale + edis.reward_bias}
-    return {name: torch.as_tensor(value, dtype=torch.float32, device=edis.device) for name, value in labels.items()}
+@dataclass
+class Simulator:
+    """What the measurements need beside EDIS: an env that steps any (s, a), and the agent's units."""
+
+    env: gym.Env
+    state_mean: np.ndarray
+    state_std: np.ndarray
+    reward_scale: float
+    reward_bias: float
+    note_shown: bool = False  # the note that an env's observation does not give its state, shown once
 
 
-def measure_refresh(edis: "EDIS", offline: Dict[str, torch.Tensor], agent: Any) -> Dict[str, float]:
+def relabel_with(simulator: Simulator, device: torch.device, enabled: bool) -> Optional[Callable]:
+    """edis.simulator_labels: the refresh's relabelling of generated rows by the simulator (None when off),
+    checked before the run starts."""
+    if not enabled:
+        return None
+    if not observation_gives_state(simulator.env):
+        raise UserError(f"edis.simulator_labels needs an env whose observation gives its simulator state "
+                        f"({', '.join(STATE_FROM_OBSERVATION)}), not {simulator.env.spec.id}")
+    return functools.partial(simulator_labels, simulator, device)
+
+
+def simulator_labels(simulator: Simulator, device: torch.device, rows: Dict[str, torch.Tensor]
+                     ) -> Dict[str, torch.Tensor]:
+    """The simulator's (r, s', done) for each row's (s, a), in the agent's units."""
+    states = rows["states"].cpu().numpy() * simulator.state_std + simulator.state_mean
+    next_states, rewards, terminated = simulator_steps(simulator.env, states, rows["actions"].cpu().numpy())
+    labels = {"next_states": (next_states - simulator.state_mean) / simulator.state_std, "dones": terminated[:, None],
+              "rewards": rewards[:, None] * simulator.reward_scale + simulator.reward_bias}
+    return {name: torch.as_tensor(value, dtype=torch.float32, device=device) for name, value in labels.items()}
+
+
+def measure_refresh(edis: "EDIS", simulator: Simulator, offline: Dict[str, torch.Tensor], agent: Any
+                    ) -> Dict[str, float]:
     """What guidance bought at the last refresh: its guided samples and unguided ones of the same model against
     the recent online data (state MMD, policy log-likelihood, the simulator's dynamics); {} after a fit alone."""
     samples, config = edis.last_samples, edis.config
@@ -1428,16 +1451,16 @@ def measure_refresh(edis: "EDIS", offline: Dict[str, torch.Tensor], agent: Any) 
     offline_states = offline["states"][torch.randperm(len(offline["states"]), device=edis.device)[:count]]
     log = {"edis/state_mmd_offline": rbf_mmd(offline_states, reference_states)}
     # The dynamics errors are in units of the data's std, so that numbers compare across envs.
-    data_std = {"next_states": offline["next_states"].std(0).cpu().numpy() * edis.state_std + 1e-6,
-                "rewards": float(offline["rewards"].std()) / abs(edis.reward_scale) + 1e-6}
+    data_std = {"next_states": offline["next_states"].std(0).cpu().numpy() * simulator.state_std + 1e-6,
+                "rewards": float(offline["rewards"].std()) / abs(simulator.reward_scale) + 1e-6}
     for label in ("guided", "unguided"):
         batch = edis.layout.split(samples[label][:count])
-        log.update(alignment(edis, label, batch, reference_states, agent, data_std))
+        log.update(alignment(edis, simulator, label, batch, reference_states, agent, data_std))
     return log
 
 
-def alignment(edis: "EDIS", label: str, batch: Dict[str, torch.Tensor], online_states: torch.Tensor,
-              agent: Any, data_std: Dict[str, Any]) -> Dict[str, float]:
+def alignment(edis: "EDIS", simulator: Simulator, label: str, batch: Dict[str, torch.Tensor],
+              online_states: torch.Tensor, agent: Any, data_std: Dict[str, Any]) -> Dict[str, float]:
     """The three properties of generated data the paper claims, for one batch (means with standard errors)."""
     metrics = {f"edis/state_mmd_{label}": rbf_mmd(batch["states"], online_states)}
     outside = batch["actions"].abs() > edis.max_action  # action dimensions that are clamped onto the bounds
@@ -1447,15 +1470,15 @@ def alignment(edis: "EDIS", label: str, batch: Dict[str, torch.Tensor], online_s
         mean, error = mean_and_standard_error(log_prob.cpu().numpy())
         metrics[f"edis/policy_loglik_{label}"], metrics[f"edis/policy_loglik_{label}_se"] = mean, error
     raw = {name: batch[name].cpu().numpy() for name in ("states", "actions", "next_states", "rewards", "dones")}
-    errors = dynamics_errors(edis.fidelity_env, raw["states"] * edis.state_std + edis.state_mean, raw["actions"],
-                             raw["next_states"] * edis.state_std + edis.state_mean,
-                             (raw["rewards"][:, 0] - edis.reward_bias) / edis.reward_scale, raw["dones"][:, 0],
-                             data_std["next_states"], data_std["rewards"])
+    mean, std = simulator.state_mean, simulator.state_std
+    errors = dynamics_errors(simulator.env, raw["states"] * std + mean, raw["actions"], raw["next_states"] * std + mean,
+                             (raw["rewards"][:, 0] - simulator.reward_bias) / simulator.reward_scale,
+                             raw["dones"][:, 0], data_std["next_states"], data_std["rewards"])
     if errors is None:
-        if not edis.fidelity_note_shown:
+        if not simulator.note_shown:
             print("note: dynamics fidelity is skipped: this env's observation does not determine its "
                   "simulator state", file=sys.stderr)
-            edis.fidelity_note_shown = True
+            simulator.note_shown = True
         return metrics
     for name, values in zip(("dynamics_state_mse", "dynamics_reward_mae", "dynamics_terminal_error"), errors,
                             strict=True):

@@ -102,8 +102,14 @@ class Setup:
             transition, _ = collector.step(self.agent.act(collector.state, explore=True))
             self.online.add(**transition)
         env.close()
-        self.edis = module.EDIS(config.edis, state_dim, action_dim, self.max_action, device, self.simulator,
-                                self.state_mean, self.state_std, self.reward_scale, self.reward_bias)
+        if hasattr(module, "Simulator"):  # the measurement env lives beside EDIS, not in it
+            self.fidelity = module.Simulator(self.simulator, self.state_mean, self.state_std, self.reward_scale,
+                                             self.reward_bias)
+            self.edis = module.EDIS(config.edis, state_dim, action_dim, self.max_action, device)
+        else:  # an older algorithm file (--algorithm-file)
+            self.fidelity = None
+            self.edis = module.EDIS(config.edis, state_dim, action_dim, self.max_action, device, self.simulator,
+                                    self.state_mean, self.state_std, self.reward_scale, self.reward_bias)
         raw_next = self.offline["next_states"].numpy() * self.state_std + self.state_mean
         self.next_state_std = raw_next.std(0) + 1e-6
         self.reward_std = float(data["rewards"].std()) + 1e-6
@@ -114,8 +120,8 @@ class Setup:
         if not config.edis.retrain_from_scratch:
             self.edis.refresh(self.offline, empty, self.agent)  # the fit at online start
         self.refresh_log = self.edis.refresh(self.offline, self.online, self.agent)
-        if hasattr(module, "measure_refresh"):  # older algorithm files measured inside the refresh
-            self.refresh_log.update(module.measure_refresh(self.edis, self.offline, self.agent))
+        if self.fidelity is not None:  # older algorithm files measured inside the refresh
+            self.refresh_log.update(module.measure_refresh(self.edis, self.fidelity, self.offline, self.agent))
         self.refresh_seconds = time.perf_counter() - start
 
     def measure(self, scales: Dict[str, float], rows: int, repeats: int) -> Dict[str, Any]:

@@ -192,15 +192,14 @@ def shares_by_level(shares: List[float], sigmas: List[float]) -> Dict[str, float
 # Our EDIS on the same rows
 # ---------------------------------------------------------------------------------------------
 def run_ours(module: Any, config: Any, offline: Dict[str, torch.Tensor], online: Dict[str, torch.Tensor],
-             agent: Any, simulator: Any, state_mean: np.ndarray, state_std: np.ndarray, rows: int,
-             seed: int) -> Dict[str, Any]:
+             agent: Any, rows: int, seed: int) -> Dict[str, Any]:
     """A refresh of our EDIS on these rows, then paired samples unguided and at the config's scales."""
     state_dim, action_dim = offline["states"].shape[1], offline["actions"].shape[1]
     columns = {"states": state_dim, "actions": action_dim, "rewards": 1, "next_states": state_dim, "dones": 1}
     device = torch.device("cpu")
     online_buffer = module.ReplayBuffer(len(online["states"]), columns, device)
     online_buffer.add_batch(**online)
-    edis = module.EDIS(config.edis, state_dim, action_dim, 1.0, device, simulator, state_mean, state_std, 1.0, 0.0)
+    edis = module.EDIS(config.edis, state_dim, action_dim, 1.0, device)
     edis.refresh(offline, module.ReplayBuffer(1, columns, device), agent)  # the fit on the offline rows
     log = edis.refresh(offline, online_buffer, agent)  # the energies (no further fit: refresh_fit_steps 0)
     diffusion, energies = edis.diffusion, edis.energies
@@ -351,8 +350,7 @@ def run(args: argparse.Namespace) -> int:
     online_tensors = {name: torch.as_tensor(values if values.ndim == 2 else values[:, None])
                       for name, values in online.items()}
     online_tensors["dones"] = torch.zeros(len(online["states"]), 1)
-    ours = run_ours(module, config, offline_tensors, online_tensors, agent, simulator, state_mean, state_std,
-                    args.rows, args.seed)
+    ours = run_ours(module, config, offline_tensors, online_tensors, agent, args.rows, args.seed)
     ours_seconds = time.perf_counter() - started
 
     state_dim, action_dim = offline["states"].shape[1], offline["actions"].shape[1]

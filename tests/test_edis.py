@@ -336,13 +336,16 @@ def test_simulator_labels_give_generated_rows_the_simulators_dynamics(edis, tmp_
     generated = []
     refresh = edis.EDIS.refresh
 
-    def keep_generated_rows(self, *args):
-        log = refresh(self, *args)
+    def keep_generated_rows(self, offline, online_buffer, agent, relabel=None):
+        log = refresh(self, offline, online_buffer, agent, relabel)
+        if relabel is None:  # the fit at online start: nothing generated yet
+            return log
+        simulator = relabel.args[0]  # the run's Simulator: the agent's units
         size = len(self.generated)
         raw = {name: column[:size].cpu().numpy() for name, column in self.generated.data.items()}
-        raw["states"], raw["next_states"] = (raw[name] * self.state_std + self.state_mean
+        raw["states"], raw["next_states"] = (raw[name] * simulator.state_std + simulator.state_mean
                                              for name in ("states", "next_states"))
-        raw["rewards"] = (raw["rewards"][:, 0] - self.reward_bias) / self.reward_scale
+        raw["rewards"] = (raw["rewards"][:, 0] - simulator.reward_bias) / simulator.reward_scale
         generated.append(raw)
         return log
 
