@@ -33,6 +33,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -695,6 +696,54 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+NEIGHBOUR = ("import torch\ntorch.set_num_threads(1)\nx = torch.randn(512, 512)\n"
+             "while True:\n    x = torch.tanh(x @ x)\n")  # one busy core: a build, a neighbour's job
+
+
+def threads_command(args: argparse.Namespace) -> int:
+    """Offline updates/s and online steps/s of each algorithm at each thread count, on an idle machine and beside
+    one busy single-thread neighbour: what the `threads` default rests on. Each cell is one run of the algorithm
+    file (its summary.json's wall-clock per phase, evaluation at each phase's end included)."""
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="speed-threads-") as folder:
+        for algorithm in args.algorithms:
+            for neighbour in (False, True):
+                for threads in args.threads:
+                    burner = (subprocess.Popen([sys.executable, "-c", NEIGHBOUR], env=dict(os.environ,
+                              OMP_NUM_THREADS="1")) if neighbour else None)
+                    try:
+                        name = f"{algorithm}-{threads}-{int(neighbour)}"
+                        command = [sys.executable, str(ROOT / "algorithms" / f"{algorithm}.py"), "--dataset",
+                                   args.dataset, "--offline_iterations", str(args.updates), "--online_iterations",
+                                   str(args.steps), "--offline_eval_freq", str(10 * args.updates), "--eval_freq",
+                                   str(10 * args.steps), "--n_episodes", "1", "--wandb_mode", "disabled", "--device",
+                                   "cpu", "--threads", str(threads), "--log_dir", folder, "--name", name]
+                        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                                                env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+                    finally:
+                        if burner is not None:
+                            burner.kill()
+                            burner.wait()
+                    if result.returncode != 0:
+                        print(f"error: {name} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                        return 2
+                    summary = json.loads((Path(folder) / name / "summary.json").read_text())
+                    rows.append({"algorithm": algorithm, "threads": threads, "neighbour": neighbour,
+                                 "updates_per_s": args.updates / summary["offline"]["wall_clock_s"],
+                                 "online_steps_per_s": args.steps / summary["online"]["wall_clock_s"]})
+                    print(f"{algorithm}, {threads} thread(s), {'one busy neighbour' if neighbour else 'idle'}: "
+                          f"{rows[-1]['updates_per_s']:.1f} updates/s, {rows[-1]['online_steps_per_s']:.1f} online "
+                          "steps/s", flush=True)
+    result = {"machine": machine(threads=False), "command": " ".join(sys.argv), "dataset": args.dataset,
+              "updates": args.updates, "steps": args.steps, "rows": rows}
+    path = Path(args.results) / f"speed-threads{'-' + args.name if args.name else ''}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(RESULTS), help="where the measurements and speed.md go")
@@ -736,6 +785,14 @@ def main() -> int:
     estimate.add_argument("--sizes", choices=list(SIZES), default="Hopper")
     estimate.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     estimate.add_argument("--name", default="cpu", help="output: speed-estimate-<name>.json")
+    threads = commands.add_parser("threads", help="updates/s and online steps/s per thread count, idle and beside "
+                                  "one busy neighbour (run it on an otherwise idle machine)")
+    threads.add_argument("--algorithms", nargs="+", default=["iql", "calql"])
+    threads.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    threads.add_argument("--dataset", default="random:Hopper-v5:20000", help="Hopper sizes")
+    threads.add_argument("--updates", type=int, default=2000, help="offline updates per run")
+    threads.add_argument("--steps", type=int, default=2000, help="online steps per run")
+    threads.add_argument("--name", default="")
     report = commands.add_parser("report", help="write speed.md")
     report.add_argument("--out", default="", help="default: speed.md in --results")
     args = parser.parse_args()
@@ -744,7 +801,7 @@ def main() -> int:
         args.options = args.options[1:] if args.options[:1] == ["--"] else args.options
     Path(args.results).mkdir(parents=True, exist_ok=True)
     return {"costs": costs_command, "fidelity": fidelity_command, "online": online_command,
-            "estimate": estimate_command, "report": report_command}[args.command](args)
+            "estimate": estimate_command, "threads": threads_command, "report": report_command}[args.command](args)
 
 
 if __name__ == "__main__":

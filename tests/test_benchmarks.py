@@ -431,3 +431,14 @@ def test_a_missing_log_folder_is_one_line(command, tmp_path):
                              str(tmp_path / "runs" / "table")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_speed_threads_times_each_thread_count_idle_and_beside_a_busy_neighbour(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--results", str(tmp_path),
+                             "threads", "--algorithms", "iql", "--threads", "1", "2", "--updates", "20", "--steps", "20",
+                             "--dataset", "random:Hopper-v5:500"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "speed-threads.json").read_text())["rows"]
+    assert [(row["threads"], row["neighbour"]) for row in rows] == [(1, False), (2, False), (1, True), (2, True)]
+    assert all(row["updates_per_s"] > 0 and row["online_steps_per_s"] > 0 for row in rows)
