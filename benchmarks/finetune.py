@@ -221,11 +221,8 @@ def weights_fingerprint(checkpoint: Path) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def dataset_files(args: argparse.Namespace) -> Dict[str, Path]:
