@@ -17,6 +17,8 @@ from typing import Dict, List
 import pytest
 from conftest import ROOT, run_script
 
+pytestmark = pytest.mark.slow  # runs killed and resumed
+
 TINY = ["--dataset", "random:Hopper-v5:1000", "--offline_iterations", "60", "--online_iterations", "120",
         "--offline_eval_freq", "30", "--eval_freq", "40", "--n_episodes", "2", "--batch_size", "32", "--log_freq",
         "10", "--snapshot_every", "20", "--wandb_mode", "disabled", "--device", "cpu"]
@@ -27,8 +29,6 @@ TINY_EDIS = ["--edis.refresh_every", "50", "--edis.initial_fit_steps", "30", "--
              "--edis.metric_samples", "50", "--edis.energy_hidden", "16", "--edis.energy_layers", "1"]
 LAUNCHER = """
 import importlib.util, os, signal, sys
-
-pytestmark = pytest.mark.slow  # runs killed and resumed
 path, target, kill_on_call = sys.argv[1], sys.argv[2], int(sys.argv[3])
 spec = importlib.util.spec_from_file_location("algorithm", path)
 module = importlib.util.module_from_spec(spec)
@@ -87,7 +87,7 @@ def uninterrupted(tmp_path_factory) -> Dict[str, Path]:
 @pytest.mark.parametrize("name, target, kill_on_call, where", [
     ("iql", "ImplicitQLearning.update", 45, "offline training"),
     ("calql", "evaluate", 3, "an evaluation"),
-    ("iql_edis", "TransitionEnergies.train", 1, "a refresh"),
+    ("iql_edis", "TransitionEnergies.fit", 1, "a refresh"),
     ("calql_edis", "TransitionDiffusion.sample", 3, "the sampling of a refresh"),
 ])
 def test_a_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path, name, target, kill_on_call,
