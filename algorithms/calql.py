@@ -35,7 +35,7 @@ import urllib.request
 import uuid
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import gymnasium as gym
 import h5py
@@ -395,9 +395,7 @@ class CalQL:
 # Training: offline pretraining, then online fine-tuning
 # ---------------------------------------------------------------------------------------------
 def train(config: TrainConfig) -> Dict[str, Any]:
-    device = resolve_device(config.device)
-    note_cpu_scale(config, device)
-    set_threads(config.threads)
+    device = setup_device(config)
     set_seed(config.seed)
     data, info = load_dataset(config.dataset, config.env)
     env = make_env(info, seed=config.seed)
@@ -428,39 +426,12 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     online_batch_size = config.batch_size - offline_batch_size
 
     agent = CalQL(config, state_dim, action_dim, max_action, device)
-    start = 0
-    if config.load_model:
-        checkpoint = load_checkpoint(config.load_model, device)
-        agent.load_state_dict(checkpoint["agent"])
-        start = config.offline_iterations  # a loaded agent skips offline pretraining
-    first_step, seconds = start, {"offline": 0.0, "online": 0.0}
-    snapshot = Snapshots.load(Path(config.resume), device) if config.resume else None
-    config.name = config.name or default_run_name(config)
-    logger = RunLogger(config, info, resumed=snapshot["logger"] if snapshot else None)
     collector = OnlineCollector(env, info, config.seed, reward_scale, reward_bias)
-    if snapshot is not None:
-        agent.load_state_dict(snapshot["agent"])
-        online_buffer.load_state_dict(snapshot["online_buffer"])
-        collector.load_state_dict(snapshot["collector"])
-        first_step, seconds = snapshot["step"], snapshot["seconds"]
-        restore_rng_states(snapshot["rng"])
-        print(f"resumed {logger.run_dir} at step {first_step}")
-    snapshots, guard = Snapshots(logger.run_dir, config.snapshot_every), FiniteGuard()
-    checkpoint_dir = Path(config.checkpoints_path) / config.name if config.checkpoints_path else None
-    total = config.offline_iterations + config.online_iterations
-    score_key = "eval/normalized_score" if info.has_reference else "eval/return"
-    print(f"Cal-QL on {info.source} ({info.env_id}), {len(data['observations'])} transitions, device {device}, "
-          f"logs in {logger.run_dir}")
 
-    progress = tqdm(range(first_step, total), initial=first_step, total=total, desc="Cal-QL", mininterval=1.0)
-    clock = time.perf_counter()
-    postfix = {"phase": "offline" if first_step < config.offline_iterations else "online"}
-    try:
-        for t in progress:
-            phase = "offline" if t < config.offline_iterations else "online"
+    with Run(config, info, device, "Cal-QL", len(data["observations"]), max_steps, closing=(env, eval_envs)) as run:
+        for t in run.steps({"agent": agent, "online_buffer": online_buffer, "collector": collector}):
+            phase, step = ("offline" if t < config.offline_iterations else "online"), t + 1
             if t == config.offline_iterations:
-                postfix["phase"] = "online"
-                progress.set_postfix(postfix)
                 agent.start_online()
             episode_log = None
             if phase == "online":
@@ -474,58 +445,14 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             else:
                 batch = offline_buffer.sample(config.batch_size)
             losses = agent.update(batch)
-            step = t + 1
-            guard.watch(losses, step)
-            if step % config.log_freq == 0:
-                guard.check()
-                logger.log({f"train/{name}": value.item() for name, value in losses.items()}, step, phase)
-            if episode_log is not None:
-                logger.log({**episode_log, "env_steps": collector.env_steps}, step, phase)
+            run.log_step(step, phase, losses, episode_log)
             if evaluation_due(step, config):
                 metrics = evaluate(eval_envs, lambda s: agent.act(s, explore=False), info, config.n_episodes,
                                    config.eval_seed)
-                logger.log(metrics, step, phase)
-                postfix[score_key.split("/")[1]] = f"{metrics[score_key]:.1f}"
-                progress.set_postfix(postfix)
-                if checkpoint_dir is not None:
-                    save_checkpoint(checkpoint_dir / f"checkpoint_{step}.pt",
-                                    {"algorithm": ALGORITHM, "agent": agent.state_dict(), "step": step,
-                                     "phase": phase, "state_mean": state_mean, "state_std": state_std,
-                                     "config": asdict(config)})
-            now = time.perf_counter()
-            seconds[phase], clock = seconds[phase] + now - clock, now
-            if snapshots.due(step, phase == "online" and collector.episode_length > 0, max_steps):
-                guard.check()  # never snapshot a run that has gone bad
-                snapshots.save({"algorithm": ALGORITHM, "config": asdict(config), "step": step, "seconds": seconds,
-                                "agent": agent.state_dict(),
-                                "online_buffer": online_buffer.state_dict(), "collector": collector.state_dict(),
-                                "logger": logger.state_dict(), "rng": rng_states()})
-        guard.check()
-    except UserError as error:
-        if snapshots.path.is_file():
-            raise UserError(f"{error} (the last snapshot is kept: python {sys.argv[0]} --resume {logger.run_dir})"
-                            ) from None
-        raise
-    finally:
-        progress.close()
-        env.close()
-        eval_envs.close()
-    offline_seconds, online_seconds = seconds["offline"], seconds["online"]
-    summary = {
-        "algorithm": ALGORITHM, "dataset": info.source, "env": info.env_id, "seed": config.seed,
-        "score_metric": score_key,
-        "offline": {**phase_summary(logger.history, "offline"), "iterations": max(config.offline_iterations - start, 0),
-                    "wall_clock_s": round(offline_seconds, 2)},
-        "online": {**phase_summary(logger.history, "online"), "env_steps": collector.env_steps,
-                   "wall_clock_s": round(online_seconds, 2)},
-        "env_steps": collector.env_steps,
-        "versions": package_versions(),
-        "machine": run_machine(device),
-    }
-    logger.write_summary(summary)
-    logger.close()
-    snapshots.remove()  # the run is complete: its summary and checkpoints are what remains
-    return summary
+                run.evaluated(metrics, step, phase, checkpoint=lambda: {
+                    "agent": agent.state_dict(), "state_mean": state_mean, "state_std": state_std})
+            run.end_step(step, phase, episode_running=collector.episode_length > 0)
+    return run.finish(collector.env_steps)
 
 
 # =============================================================================================
@@ -729,6 +656,14 @@ def note_cpu_scale(config: Any, device: torch.device) -> None:
         print(f"note: a full-scale budget on a CPU ({config.offline_iterations:,} offline updates + "
               f"{config.online_iterations:,} online steps{model}): expect days; configs/cpu/*.yaml are "
               f"sized for a 2-core CPU", file=sys.stderr, flush=True)
+
+
+def setup_device(config: Any) -> torch.device:
+    """The training device, with torch's thread count set and a note when a CPU gets a full-scale budget."""
+    device = resolve_device(config.device)
+    note_cpu_scale(config, device)
+    set_threads(config.threads)
+    return device
 
 
 def set_seed(seed: int) -> None:
@@ -1351,6 +1286,7 @@ class OnlineCollector:
                 episode_log["train/regret"] = float(np.mean(1.0 - np.array(self.successes)))
             elif self.normalized_returns:
                 episode_log["train/regret"] = float(np.mean(1.0 - np.array(self.normalized_returns) / 100.0))
+            episode_log["env_steps"] = self.env_steps
             self.episodes += 1
             self._start_episode()
         return transition, episode_log
@@ -1366,6 +1302,7 @@ class ReplayBuffer:
         self.data = {name: torch.zeros((capacity, width), dtype=torch.float32, device=device)
                      for name, width in columns.items()}
         self.size, self.pointer = 0, 0
+        self.rebuilt_rows = 0  # leading rows a resumed run loads again from the dataset: snapshots leave them out
 
     def __len__(self) -> int:
         return self.size
@@ -1391,10 +1328,9 @@ class ReplayBuffer:
         index = torch.randint(0, self.size, (batch_size,), device=self.device)
         return {name: column[index] for name, column in self.data.items()}
 
-    def state_dict(self, rebuilt_rows: int = 0) -> Dict[str, Any]:
-        """The rows for a snapshot. The first `rebuilt_rows` (the offline data, which the resumed run loads
-        again) are left out unless the ring has wrapped over them."""
-        first = rebuilt_rows if self.size < self.capacity else 0
+    def state_dict(self) -> Dict[str, Any]:
+        """The rows for a snapshot; the first `rebuilt_rows` are left out unless the ring has wrapped over them."""
+        first = self.rebuilt_rows if self.size < self.capacity else 0
         return {"first": first, "size": self.size, "pointer": self.pointer,
                 "rows": {name: column[first:self.size].clone() for name, column in self.data.items()}}
 
@@ -1631,17 +1567,12 @@ class Snapshots:
     """<run dir>/snapshot.pt: everything a killed run needs to go on (see `--resume`).
 
     Written every `every` steps, but in the online phase only between episodes (so that a resumed run
-    replays no partial episode), unless an episode outlasts `patience` more steps. Each file ends with
-    the SHA-256 of its contents; it is written to a temporary name and renamed, and the previous one
-    is kept as snapshot.prev.pt until the new one is complete. A truncated or corrupt snapshot is
-    detected on loading, and the previous one is used with a warning.
+    replays no partial episode), unless an episode outlasts `patience` more steps. Written to a temporary
+    name, synced, then renamed: a kill at any moment leaves the previous snapshot or the new one, whole.
     """
 
-    DIGEST = b"SHA256"
-
     def __init__(self, run_dir: Path, every: int):
-        self.path, self.previous = run_dir / "snapshot.pt", run_dir / "snapshot.prev.pt"
-        self.every, self.due_since = every, None
+        self.path, self.every, self.due_since = run_dir / "snapshot.pt", every, None
 
     def due(self, step: int, episode_running: bool, patience: int) -> bool:
         if self.every <= 0:
@@ -1654,44 +1585,147 @@ class Snapshots:
         return True
 
     def save(self, payload: Dict[str, Any]) -> None:
-        import hashlib
-        import io
-
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        contents = buffer.getvalue()
         partial = self.path.with_name(self.path.name + ".part")
         with open(partial, "wb") as file:
-            file.write(contents + self.DIGEST + hashlib.sha256(contents).digest())
+            torch.save(payload, file)
             file.flush()
             os.fsync(file.fileno())
-        if self.path.is_file():
-            os.replace(self.path, self.previous)
         os.replace(partial, self.path)
 
     def remove(self) -> None:
-        for path in (self.path, self.previous):
-            path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
 
-    @classmethod
-    def load(cls, run_dir: Path, device: torch.device) -> Dict[str, Any]:
-        """The newest readable snapshot of run_dir."""
-        import hashlib
-        import io
+    @staticmethod
+    def load(run_dir: Path, device: torch.device) -> Dict[str, Any]:
+        path = run_dir / "snapshot.pt"
+        if not path.is_file():
+            raise UserError(f"no snapshot in {run_dir} (snapshot.pt)")
+        try:
+            return torch.load(path, map_location=device, weights_only=False)
+        except Exception as error:  # damaged outside the run: its own writes are atomic
+            raise UserError(f"snapshot {path} is unreadable: {str(error).splitlines()[0]}") from None
 
-        for path in (run_dir / "snapshot.pt", run_dir / "snapshot.prev.pt"):
-            if not path.is_file():
-                continue
-            raw = path.read_bytes()
-            contents, marker, digest = raw[:-38], raw[-38:-32], raw[-32:]
-            try:
-                if marker != cls.DIGEST or hashlib.sha256(contents).digest() != digest:
-                    raise ValueError("its checksum does not match (truncated or corrupt)")
-                return torch.load(io.BytesIO(contents), map_location=device, weights_only=False)
-            except Exception as error:
-                print(f"warning: snapshot {path} is unreadable ({str(error).splitlines()[0]}); "
-                      "trying the previous one", file=sys.stderr)
-        raise UserError(f"no readable snapshot in {run_dir} (snapshot.pt, snapshot.prev.pt)")
+
+class Run:
+    """What surrounds train()'s loop and is not the algorithm: the run folder and its logs, the progress bar,
+    wall-clock per phase, evaluation checkpoints, --load_model, resumable snapshots (--resume), the NaN/inf guard
+    and summary.json. Nothing here changes what the algorithm computes.
+
+    `with Run(...) as run:` closes the envs at the end; a failure that leaves a snapshot says how to resume it.
+    """
+
+    def __init__(self, config: Any, info: DatasetInfo, device: torch.device, title: str, transitions: int,
+                 patience: int, closing: Sequence[Any] = ()):
+        self.config, self.info, self.device, self.title, self.closing = config, info, device, title, closing
+        self.pretrained = load_checkpoint(config.load_model, device) if config.load_model else None
+        self.snapshot = Snapshots.load(Path(config.resume), device) if config.resume else None
+        config.name = config.name or default_run_name(config)
+        self.logger = RunLogger(config, info, resumed=self.snapshot["logger"] if self.snapshot else None)
+        self.snapshots, self.guard = Snapshots(self.logger.run_dir, config.snapshot_every), FiniteGuard()
+        self.patience = patience  # steps a due online snapshot may wait for the episode to end
+        self.checkpoint_dir = Path(config.checkpoints_path) / config.name if config.checkpoints_path else None
+        self.score_key = "eval/normalized_score" if info.has_reference else "eval/return"
+        self.seconds, self.updates = {"offline": 0.0, "online": 0.0}, {"offline": 0, "online": 0}
+        self.state: Dict[str, Any] = {}
+        self.progress: Optional[tqdm] = None
+        self.postfix: Dict[str, str] = {}
+        print(f"{title} on {info.source} ({info.env_id}), {transitions} transitions, device {device}, "
+              f"logs in {self.logger.run_dir}")
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, kind: Any, error: Optional[BaseException], traceback: Any) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        for env in self.closing:
+            env.close()
+        if isinstance(error, UserError) and self.snapshots.path.is_file():
+            raise UserError(f"{error} (the last snapshot is kept: python {sys.argv[0]} --resume "
+                            f"{self.logger.run_dir})") from None
+
+    def steps(self, state: Dict[str, Any]) -> Iterator[int]:
+        """The loop's t, under a progress bar. `state` names what a snapshot holds (objects with state_dict and
+        load_state_dict). A --load_model checkpoint fills the objects it names and the loop starts online; a
+        --resume snapshot fills them all and the loop goes on where it stopped."""
+        config, first_step, self.state = self.config, 0, state
+        if self.pretrained is not None:
+            for name, value in state.items():
+                if name in self.pretrained:
+                    value.load_state_dict(self.pretrained[name])
+            first_step = config.offline_iterations
+        if self.snapshot is not None:
+            for name, value in state.items():
+                value.load_state_dict(self.snapshot["state"][name])
+            first_step, self.seconds, self.updates = (self.snapshot[key] for key in ("step", "seconds", "updates"))
+            restore_rng_states(self.snapshot["rng"])
+            print(f"resumed {self.logger.run_dir} at step {first_step}")
+        total = config.offline_iterations + config.online_iterations
+        self.progress = tqdm(range(first_step, total), initial=first_step, total=total, desc=self.title,
+                             mininterval=1.0)
+        self.postfix["phase"] = "offline" if first_step < config.offline_iterations else "online"
+        self.clock = time.perf_counter()
+        for t in self.progress:
+            if t == config.offline_iterations:
+                self.postfix["phase"] = "online"
+                self.progress.set_postfix(self.postfix)
+            yield t
+        self.guard.check()  # the updates since the last check
+
+    def log(self, metrics: Dict[str, float], step: int, phase: str) -> None:
+        self.logger.log(metrics, step, phase)
+
+    def log_step(self, step: int, phase: str, losses: Dict[str, torch.Tensor],
+                 episode_log: Optional[Dict[str, float]] = None) -> None:
+        """Counts the update and watches its values for NaN/inf; logs them every log_freq steps, and the
+        online episode that ended at this step."""
+        self.updates[phase] += 1
+        self.guard.watch(losses, step)
+        if step % self.config.log_freq == 0:
+            self.guard.check()
+            self.logger.log({f"train/{name}": value.item() for name, value in losses.items()}, step, phase)
+        if episode_log is not None:
+            self.logger.log(episode_log, step, phase)
+
+    def evaluated(self, metrics: Dict[str, float], step: int, phase: str,
+                  checkpoint: Callable[[], Dict[str, Any]]) -> None:
+        """Logs an evaluation; with checkpoints_path set, saves checkpoint_<step>.pt holding `checkpoint()`."""
+        self.logger.log(metrics, step, phase)
+        if self.progress is not None:
+            self.postfix[self.score_key.split("/")[1]] = f"{metrics[self.score_key]:.1f}"
+            self.progress.set_postfix(self.postfix)
+        if self.checkpoint_dir is not None:
+            save_checkpoint(self.checkpoint_dir / f"checkpoint_{step}.pt",
+                            {"algorithm": ALGORITHM, "step": step, "phase": phase, "config": asdict(self.config),
+                             **checkpoint()})
+
+    def end_step(self, step: int, phase: str, episode_running: bool) -> None:
+        """The step's wall-clock; a snapshot when one is due (online, between episodes)."""
+        now = time.perf_counter()
+        self.seconds[phase], self.clock = self.seconds[phase] + now - self.clock, now
+        if self.snapshots.due(step, phase == "online" and episode_running, self.patience):
+            self.guard.check()  # never snapshot a run that has gone bad
+            self.snapshots.save({"algorithm": ALGORITHM, "config": asdict(self.config), "step": step,
+                                 "seconds": self.seconds, "updates": self.updates,
+                                 "state": {name: value.state_dict() for name, value in self.state.items()},
+                                 "logger": self.logger.state_dict(), "rng": rng_states()})
+
+    def finish(self, env_steps: int, **extra: Any) -> Dict[str, Any]:
+        """Writes summary.json (final and best evaluation per phase, wall-clock, versions, machine) and ends the
+        run: its summary and checkpoints are what remains, the snapshots go."""
+        summary = {
+            "algorithm": ALGORITHM, "dataset": self.info.source, "env": self.info.env_id, "seed": self.config.seed,
+            "score_metric": self.score_key,
+            "offline": {**phase_summary(self.logger.history, "offline"), "iterations": self.updates["offline"],
+                        "wall_clock_s": round(self.seconds["offline"], 2)},
+            "online": {**phase_summary(self.logger.history, "online"), "env_steps": env_steps,
+                       "updates": self.updates["online"], "wall_clock_s": round(self.seconds["online"], 2)},
+            "env_steps": env_steps, **extra, "versions": package_versions(), "machine": run_machine(self.device),
+        }
+        self.logger.write_summary(summary)
+        self.logger.close()
+        self.snapshots.remove()
+        return summary
 
 
 def resumed_config(config_class: type, argv: List[str]) -> Optional[Any]:

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def has_snapshot(run_dir: Path) -> bool:
-    return (run_dir / "snapshot.pt").is_file() or (run_dir / "snapshot.prev.pt").is_file()
+    return (run_dir / "snapshot.pt").is_file()
 
 
 def attempt_command(name: str, command: List[str], log_dir: Path) -> List[str]:

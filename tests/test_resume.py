@@ -103,21 +103,19 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_pat
     assert_same_run(run_dir, uninterrupted[name])
 
 
-def test_a_truncated_snapshot_falls_back_to_the_previous_one(uninterrupted, tmp_path):
-    """Also the online-phase kill of IQL: the resumed run replays from the snapshot before the truncated one."""
-    killed = launch("iql", "ImplicitQLearning.update", 150, *TINY, "--log_dir", str(tmp_path), "--name", "run")
-    assert killed.returncode == -signal.SIGKILL
-    snapshot = tmp_path / "run" / "snapshot.pt"
-    snapshot.write_bytes(snapshot.read_bytes()[: snapshot.stat().st_size // 2])
-    resumed = run_script("iql", "--resume", str(tmp_path / "run"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "snapshot.pt is unreadable" in resumed.stderr and "previous" in resumed.stderr
-    assert_same_run(tmp_path / "run", uninterrupted["iql"])
+def test_a_damaged_snapshot_is_refused_in_one_line(tmp_path):
+    """The run's own writes are atomic; a snapshot damaged outside it is named, not unpickled into a traceback."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "snapshot.pt").write_bytes(b"not a snapshot")
+    result = run_script("iql", "--resume", str(run_dir))
+    assert result.returncode == 2 and "snapshot.pt is unreadable" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_resume_errors_are_one_line(tmp_path):
     for args, message in ((["--resume", str(tmp_path / "none")], "is not a directory"),
-                          (["--resume", str(tmp_path)], "no readable snapshot"),
+                          (["--resume", str(tmp_path)], "no snapshot in"),
                           (["--resume", str(tmp_path), "--beta", "3"], "other options are not taken")):
         result = run_script("iql", *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr
