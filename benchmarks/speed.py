@@ -689,6 +689,26 @@ def report_command(args: argparse.Namespace) -> int:
             ratio_lines.append(f"- Paper-scale {name} ({path.name}): {totals['ours']:,.1f} h with our refresh, "
                                f"{totals['reference']:,.1f} h with the reference's")
             body.append("")
+    for path in sorted(results.glob("speed-threads*.json")):
+        measured = json.loads(path.read_text())
+        body += [f"## Threads ({path.name})", "",
+                 f"`python {measured['command']}` on {measured['machine']}: one run of each algorithm file per cell "
+                 f"on `{measured['dataset']}`, {measured['updates']:,} offline updates then {measured['steps']:,} "
+                 "online steps (evaluation included); the neighbour is one single-thread process multiplying "
+                 "matrices.", "", "| algorithm | threads | load | offline updates/s | online steps/s |",
+                 "|---|---|---|---|---|"]
+        for row in measured["rows"]:
+            body.append(f"| {row['algorithm']} | {row['threads']} | "
+                        f"{'one busy neighbour' if row['neighbour'] else 'idle'} | {row['updates_per_s']:.1f} | "
+                        f"{row['online_steps_per_s']:.1f} |")
+        for algorithm in dict.fromkeys(row["algorithm"] for row in measured["rows"]):
+            rate = {(row["threads"], row["neighbour"]): row["updates_per_s"] for row in measured["rows"]
+                    if row["algorithm"] == algorithm}
+            if {(1, False), (2, False), (1, True), (2, True)} <= set(rate):
+                ratio_lines.append(f"- Threads, {algorithm}: 2 threads / 1 thread, offline updates/s: idle "
+                                   f"**{rate[2, False] / rate[1, False]:.2f}x**, beside one busy neighbour "
+                                   f"**{rate[2, True] / rate[1, True]:.2f}x** ({path.name})")
+        body.append("")
     lines += ["## Ratios", "", *ratio_lines, "", *body]
     out = Path(args.out)
     out.write_text("\n".join(lines) + "\n")

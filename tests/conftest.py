@@ -42,6 +42,17 @@ calql_edis = algorithm_fixture("calql_edis")
 
 
 @pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """A run in this process sets torch's thread count (its `threads`, 1 by default) for the whole process; the
+    next test starts again from torch's default, so tests that train in-process use the cores they have."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def isolated_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Fresh dataset roots per test; no network downloads are attempted for long."""
     for variable, folder in (("D4RL_DATASET_DIR", "d4rl"), ("MINARI_DATASETS_PATH", "minari"),

@@ -192,7 +192,7 @@ def test_table_workers_run_side_by_side(tmp_path):
         pytest.skip(f"this machine has no two free cores now (two busy processes side by side: {ratio:.2f} of serial)")
     data = tmp_path / "pendulum.hdf5"
     write_pendulum_dataset(data, episodes=20)
-    config = tiny_config(tmp_path, "tiny", f"hdf5:{data}", offline_iterations=700)
+    config = tiny_config(tmp_path, "tiny", f"hdf5:{data}", offline_iterations=450)
     serial, serial_seconds = table_run("--configs", str(config), "--seeds", "0", "1", "--workers", "1",
                                        "--log-dir", str(tmp_path / "serial"))
     parallel, parallel_seconds = table_run("--configs", str(config), "--seeds", "0", "1", "--workers", "2",

@@ -274,9 +274,9 @@ TINY_EDIS = ["--offline_iterations", "60", "--online_iterations", "120", "--eval
     # The public code's loop refreshes at the last step too: utd_ratio (3) updates replace the one ordinary update
     # at each of the 2 refreshes.
     ("iql_edis", ["--edis.replay", "reference", "--edis.utd_ratio", "3"], 3, 124, [60, 120]),
-    # Refitted from scratch: no fit at online start; 150 steps: refreshes at 60 and 120.
+    # Refitted from scratch: no fit at online start; 150 steps: refreshes at 60 and 120; one update per step.
     ("calql_edis", ["--edis.include_terminal", "true", "--edis.retrain_from_scratch", "true",
-                    "--online_iterations", "150"], 2, None, [60, 120]),
+                    "--online_iterations", "150"], 2, 150, [60, 120]),
 ])
 @pytest.mark.slow
 def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, fits, updates, refresh_steps, tmp_path):
@@ -285,7 +285,7 @@ def test_edis_run_logs_alignment_guided_and_unguided(algorithm, options, fits, u
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["algorithm"] == algorithm and summary["edis_refreshes"] == fits
-    assert summary["online"].get("updates") == updates
+    assert summary["online"]["updates"] == updates
     assert np.isfinite(summary["online"]["final_normalized_score"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     refreshes = [r for r in records if "edis/state_mmd_guided" in r]
