@@ -436,10 +436,10 @@ def test_a_missing_log_folder_is_one_line(command, tmp_path):
 @pytest.mark.slow
 def test_speed_threads_times_each_thread_count_idle_and_beside_a_busy_neighbour(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--results", str(tmp_path), "threads",
-               "--algorithms", "iql", "--threads", "1", "2", "--updates", "20", "--steps", "20", "--dataset",
+               "--algorithms", "iql", "--threads", "1", "--updates", "20", "--steps", "20", "--dataset",
                "random:Hopper-v5:500"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "speed-threads.json").read_text())["rows"]
-    assert [(row["threads"], row["neighbour"]) for row in rows] == [(1, False), (2, False), (1, True), (2, True)]
+    assert [(row["threads"], row["neighbour"]) for row in rows] == [(1, False), (1, True)]
     assert all(row["updates_per_s"] > 0 and row["online_steps_per_s"] > 0 for row in rows)
