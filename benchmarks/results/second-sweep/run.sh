@@ -20,7 +20,8 @@ sweep --configs configs/cpu/walker2d-medium-replay.yaml --seeds 0 1 2 3 4 --vari
     -- --wandb_mode disabled
 # Hopper-v5: Cal-QL and Cal-QL-EDIS, one Cal-QL checkpoint per seed made with Cal-QL-EDIS's settings (3 seeds).
 # A Cal-QL run takes about 3 hours on one core: a snapshot every 2,000 steps (about 7 minutes) instead of 10,000 keeps
-# what a kill loses small (a snapshot does not change a run: tests/test_resume.py).
+# what a kill loses small (snapshots change nothing in a run: a tiny calql.py run logs the same metrics.jsonl with
+# --snapshot_every 0 and 40).
 sweep --configs configs/cpu/hopper-medium-replay.yaml --seeds 0 1 2 --variants calql calql_edis \
     calql_edis_unguided -- --wandb_mode disabled --snapshot_every 2000
 # Hopper-v5: guided against unguided (s, a) with the simulator's labels, beside IQL (5 seeds)
