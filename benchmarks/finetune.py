@@ -23,6 +23,7 @@ checkpoint online, so the variants differ only in what happens online:
 
     python benchmarks/finetune.py run --configs configs/cpu/hopper-medium-replay.yaml --seeds 0 1 2 3 4 \\
         --variants iql iql_edis iql_edis_unguided iql_edis_reference -- --wandb_mode disabled
+    python benchmarks/finetune.py status --log-dir runs/finetune
     python benchmarks/finetune.py report --log-dir runs/finetune --out benchmarks/results
 
 `run` pretrains first (all pending pretraining runs, --workers at a time), then fine-tunes; finished
@@ -31,6 +32,9 @@ configs' collected: datasets from DIR (data committed beside a result, collect.p
 sha256 of every dataset file and the weights of every checkpoint are recorded in the log folder
 (data-fingerprints.json, checkpoint-fingerprints.json), and a sweep continued on other data or
 other weights is refused. Each `run` appends its command, commit and machine to sweeps.jsonl.
+
+`status` lists every run that the commands in the log folder's sweeps.jsonl plan (finished, started,
+not started) with the time left, estimated from the finished runs' wall-clock.
 
 `report` writes finetune.md and finetune.png: the final scores with rliable's interquartile mean
 and 95% bootstrap interval (Agarwal et al., NeurIPS 2021), the probability that a variant's run
@@ -350,6 +354,81 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
+def run_progress(folder: Path) -> float:
+    """The share of a started run's steps done: the last step in its metrics.jsonl (about where --resume goes on)."""
+    config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else None
+    lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").is_file() else []
+    if not config or not lines:
+        return 0.0
+    first = config["offline_iterations"] if config.get("load_model") else 0  # a fine-tuning run starts online
+    total = config["offline_iterations"] + config["online_iterations"]
+    return min(max((json.loads(lines[-1])["step"] - first) / max(total - first, 1), 0.0), 1.0)
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def status(args: argparse.Namespace) -> int:
+    """Every run that the commands in log_dir/sweeps.jsonl plan: finished, started or not, with the time a finished
+    run of each kind took and an estimate of the time left (from the finished runs of the same kind, else from the
+    config's other pretraining or fine-tuning runs of the same base algorithm)."""
+    log_dir = Path(args.log_dir)
+    if not (log_dir / "sweeps.jsonl").is_file():
+        print(f"error: {log_dir / 'sweeps.jsonl'} not found: `finetune.py run --log-dir {log_dir}` writes it",
+              file=sys.stderr)
+        return 2
+    jobs: Dict[str, tuple] = {}  # name: (config key, kind, base algorithm, whether it is a pretraining run)
+    for line in (log_dir / "sweeps.jsonl").read_text().splitlines():
+        argv = shlex.split(json.loads(line)["command"])
+        recorded = parse_run_arguments(argv[argv.index("run") + 1:])
+        recorded.log_dir = str(log_dir)
+        for name, command, need in plan(recorded):
+            kind, key = name.split("--")[0], config_key(command[command.index("--config") + 1])
+            family = Path(command[1]).stem.removesuffix("_edis")
+            jobs.setdefault(name, (key, kind, family, need is None))
+    seconds: Dict[str, float] = {}  # finished runs: wall-clock
+    progress: Dict[str, float] = {}  # the others: share done
+    for name in jobs:
+        summary = log_dir / name / "summary.json"
+        if summary.is_file():
+            phases = json.loads(summary.read_text())
+            seconds[name] = sum((phases.get(phase) or {}).get("wall_clock_s") or 0.0 for phase in ("offline", "online"))
+        else:
+            progress[name] = run_progress(log_dir / name)
+
+    by_kind, by_family = defaultdict(list), defaultdict(list)  # finished runs' times
+    for name, took in seconds.items():
+        key, kind, family, pretraining = jobs[name]
+        by_kind[(key, kind)].append(took)
+        by_family[(key, family, pretraining)].append(took)
+    rows, left, unknown = [], 0.0, 0
+    for key, kind in sorted({job[:2] for job in jobs.values()}):
+        names = [name for name, job in jobs.items() if job[:2] == (key, kind)]
+        family, pretraining = jobs[names[0]][2:]
+        own = float(np.mean(by_kind[(key, kind)])) if by_kind[(key, kind)] else None
+        related = by_family[(key, family, pretraining)]
+        each = own if own is not None else float(np.mean(related)) if related else None
+        todo = [progress[name] for name in names if name in progress]
+        if each is None:
+            unknown += len(todo)
+        else:
+            left += each * sum(1.0 - done for done in todo)
+        started = sum(done > 0 for done in todo)
+        group_left = "-" if not todo else "?" if each is None else hours(each * sum(1.0 - done for done in todo))
+        rows.append(f"| {key} | {kind} | {len(names) - len(todo)} | {started} | {len(todo) - started} | "
+                    f"{hours(own) if own is not None else '-'} | {group_left} |")
+    print(f"{log_dir}: {len(seconds)} of {len(jobs)} runs finished")
+    print("\n| config | run | finished | started | not started | a finished run took (mean) | left, one core |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    workers = args.workers
+    print(f"\nleft: about {hours(left)} of one core, {hours(left / workers)} at {workers} runs at a time"
+          + (f"; {unknown} run(s) of kinds with no finished run to estimate from" if unknown else "")
+          + " (wall-clock of the finished runs; a started run's share done is the last step it logged)")
+    return 0
+
+
 def read_run(folder: Path) -> Optional[Dict[str, Any]]:
     summary_path, metrics_path = folder / "summary.json", folder / "metrics.jsonl"
     if not summary_path.is_file() or not metrics_path.is_file():
@@ -664,10 +743,7 @@ def plot_curves(runs: Dict[tuple, Dict[int, Dict[str, Any]]], pretrained: Dict[t
     plt.close(fig)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run_parser = sub.add_parser("run", help="pretrain once per config and seed, then fine-tune every variant")
+def add_run_arguments(run_parser: argparse.ArgumentParser) -> None:
     run_parser.add_argument("--configs", nargs="+", required=True)
     run_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     run_parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
@@ -685,9 +761,27 @@ def main() -> int:
     run_parser.add_argument("--print-commands", action="store_true", help="print the commands, run nothing")
     run_parser.add_argument("--pretrain-only", action="store_true", help="stop after the pretraining runs")
     run_parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run")
+
+
+def parse_run_arguments(argv: List[str]) -> argparse.Namespace:
+    """`run`'s arguments as a recorded command gave them (what `status` re-plans from sweeps.jsonl)."""
+    run_parser = argparse.ArgumentParser(prog="finetune.py run")
+    add_run_arguments(run_parser)
+    args = run_parser.parse_args(argv)
+    args.extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    return args
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run_arguments(sub.add_parser("run", help="pretrain once per config and seed, then fine-tune every variant"))
     report_parser = sub.add_parser("report", help="table and learning curves of finished runs")
     report_parser.add_argument("--log-dir", default="runs/finetune")
     report_parser.add_argument("--out", default="", help="also write finetune.md and finetune.png here")
+    status_parser = sub.add_parser("status", help="what the sweep in --log-dir has finished, and the time left")
+    status_parser.add_argument("--log-dir", default="runs/finetune")
+    status_parser.add_argument("--workers", type=int, default=2, help="runs at a time, for the time left")
     args = parser.parse_args()
     if args.command == "run":
         if args.threads_per_run < 1 or (args.workers is not None and args.workers < 1):
@@ -705,7 +799,7 @@ def main() -> int:
                 raise
             print(f"error: {error}", file=sys.stderr)
             return 2
-    return report(args)
+    return status(args) if args.command == "status" else report(args)
 
 
 if __name__ == "__main__":

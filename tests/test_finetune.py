@@ -238,3 +238,35 @@ def test_a_sweep_on_a_fresh_machine_remakes_a_lost_checkpoint_and_refuses_a_diff
     other_data = finetune(*sweep)
     assert other_data.returncode == 2 and "not the file this sweep's runs used" in other_data.stderr
     assert len(other_data.stderr.strip().splitlines()) == 1
+
+
+def test_status_lists_every_planned_run_and_estimates_the_time_left(tmp_path):
+    """Re-plans the commands in sweeps.jsonl: finished runs give each kind's time, a started run counts by the
+    share of its steps it logged, and a kind with no finished run borrows the config's other fine-tunings' time."""
+    key = "cpu__hopper-medium-replay"
+    command = ("python benchmarks/finetune.py run --log-dir elsewhere --configs configs/cpu/hopper-medium-replay.yaml "
+               "--seeds 0 1 --variants iql iql_edis -- --wandb_mode disabled")
+    (tmp_path / "sweeps.jsonl").write_text(json.dumps({"command": command}) + "\n")
+
+    def finished(name: str, offline: float, online: float) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"offline": {"wall_clock_s": offline},
+                                                                  "online": {"wall_clock_s": online}}))
+
+    finished(f"pretrain-iql--{key}--seed0", 1200.0, 0.0)
+    finished(f"iql--{key}--seed0", 0.0, 2400.0)
+    started = tmp_path / f"iql_edis--{key}--seed0"  # a quarter of its online steps done
+    started.mkdir()
+    (started / "config.yaml").write_text("offline_iterations: 1000\nonline_iterations: 2000\nload_model: x.pt\n")
+    (started / "metrics.jsonl").write_text(json.dumps({"step": 1200}) + "\n" + json.dumps({"step": 1500}) + "\n")
+    result = finetune("status", "--log-dir", str(tmp_path), "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{tmp_path}: 2 of 6 runs finished")
+    rows = {line.split(" | ")[1]: line for line in result.stdout.splitlines() if line.startswith("| cpu/")}
+    assert rows["pretrain-iql"].endswith("| 1 | 0 | 1 | 20 min | 20 min |")
+    assert rows["iql"].endswith("| 1 | 0 | 1 | 40 min | 40 min |")
+    assert rows["iql_edis"].endswith("| 0 | 1 | 1 | - | 1.2 h |")  # (0.75 + 1) x 40 min, from iql's time
+    # left: 20 + 40 + 70 minutes = 2.2 h of one core
+    assert "left: about 2.2 h of one core, 1.1 h at 2 runs at a time (" in result.stdout
+    missing = finetune("status", "--log-dir", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "sweeps.jsonl" in missing.stderr
