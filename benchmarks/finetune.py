@@ -768,8 +768,13 @@ def parse_run_arguments(argv: List[str]) -> argparse.Namespace:
     run_parser = argparse.ArgumentParser(prog="finetune.py run")
     add_run_arguments(run_parser)
     args = run_parser.parse_args(argv)
-    args.extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    args.extra = without_separator(args.extra)
     return args
+
+
+def without_separator(extra: List[str]) -> List[str]:
+    """The options after `--` (argparse keeps the `--` itself)."""
+    return extra[1:] if extra[:1] == ["--"] else extra
 
 
 def main() -> int:
@@ -787,7 +792,7 @@ def main() -> int:
         if args.threads_per_run < 1 or (args.workers is not None and args.workers < 1):
             parser.error("--workers and --threads-per-run must be at least 1")
         args.workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads_per_run)
-        args.extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+        args.extra = without_separator(args.extra)
         if args.data_dir:
             if not Path(args.data_dir).is_dir():
                 parser.error(f"--data-dir {args.data_dir} is not a folder")
