@@ -113,6 +113,17 @@ def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.Complete
                           text=True, timeout=timeout, cwd=ROOT, env=dict(os.environ))
 
 
+def run_scripts(arguments: Dict[str, List[str]], at_once: int = 2, timeout: int = 900
+                ) -> Dict[str, subprocess.CompletedProcess]:
+    """Runs algorithms/<name>.py with each name's arguments, `at_once` side by side (one per core of a 2-core CPU
+    when each run has one thread, the files' default)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        futures = {name: pool.submit(run_script, name, *args, timeout=timeout) for name, args in arguments.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
 def pendulum_controller(observation: np.ndarray) -> float:
     """Energy-pumping swing-up with a PD catch near the top: about -150 return on Pendulum-v1."""
     cos_angle, _, velocity = observation

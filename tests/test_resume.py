@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, run_scripts
 
 pytestmark = pytest.mark.slow  # runs killed and resumed
 
@@ -75,13 +75,12 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
 def uninterrupted(tmp_path_factory) -> Dict[str, Path]:
     """One uninterrupted run per algorithm file, the reference for every killed one."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    runs = {}
-    for name in ("iql", "calql", "iql_edis", "calql_edis"):
-        extra = TINY_EDIS if name.endswith("edis") else []
-        result = run_script(name, *TINY, *extra, "--log_dir", str(root), "--name", name)
+    names = ("iql", "calql", "iql_edis", "calql_edis")
+    results = run_scripts({name: [*TINY, *(TINY_EDIS if name.endswith("edis") else []), "--log_dir", str(root),
+                                  "--name", name] for name in names})
+    for result in results.values():
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = root / name
-    return runs
+    return {name: root / name for name in names}
 
 
 @pytest.mark.parametrize("name, target, kill_on_call, where", [
