@@ -4,10 +4,11 @@ Pendulum-v1 data: 30% noisy episodes of a swing-up controller (about -150 return
 random (about -1200). The data's own mean return is about -890 and an untrained actor scores
 about -1300; a learner that does not learn (no actor update, wrong targets, broken sampling)
 stays there. The two runs go side by side, one thread each, one per core of a 2-core CPU.
-Measured there, one thread: IQL -387 at seed 0 with 2500 updates (with 4000: -350, -461, -432, -328
-at seeds 0-3); Cal-QL with 2500 updates, batch 64 and 2 CQL actions -414, -378, -401, -322 at
-seeds 0-3 (70 s; batch 128 and 4 actions: -310 at seed 0 in 134 s; 4 actions and batch 64: -661,
--568, -335; one critic layer instead of two: -1131; 2000 updates with 10 actions: -909).
+Measured there on one thread: IQL -387 at seed 0 with 2500 updates; Cal-QL with 2500 updates, batch 64
+and 2 CQL actions -414, -378, -401, -322 at seeds 0-3 (70 s; batch 128 and 4 actions: -310 at seed 0
+in 134 s; 4 actions and batch 64: -661, -568, -335; one critic layer instead of two: -1131). Earlier,
+on both cores: IQL with 4000 updates -350, -461, -432, -328 at seeds 0-3; Cal-QL with 10 actions
+-909 at 2000 updates.
 """
 
 import json
