@@ -557,7 +557,7 @@ def robust_statistics(runs: Dict[tuple, Dict[int, Dict[str, Any]]], score: Calla
                                                           [score(run) for run in against.values()])
             paired = [score(seeds[s]) - score(against[s]) for s in sorted(seeds) if s in against]
             comparisons.append(f"| {key} | {variant} | {other} | {probability:.2f} [{low:.2f}, {high:.2f}] | "
-                               f"{mean_std(paired)} ({len(paired)} seeds) |")
+                               f"{mean_std(paired)} ({len(paired)} seed{'s' if len(paired) > 1 else ''}) |")
     text = ("Final scores (the last evaluation of each run), with rliable's interquartile mean and 95% stratified-"
             "bootstrap confidence interval over runs:\n\n" + "\n".join(lines))
     if len(comparisons) > 2:
@@ -663,7 +663,9 @@ def report(args: argparse.Namespace) -> int:
             "per seed, the variant's final score (or mean of its last 3 evaluations) minus its base's (iql or calql) "
             "from the same checkpoint. "
             "Fidelity: the model's own samples (before any simulator labels), mean ± std over every "
-            "refresh of every seed; guided - unguided: per refresh, mean ± standard error over refreshes; "
+            "refresh of every seed; guided: the batch the run trained on, unguided: a batch of the same model with "
+            "every scale 0 (for an *_unguided variant both are unguided, so their difference is the metric's noise); "
+            "guided - unguided: per refresh, mean ± standard error over refreshes; "
             "state_mmd lower is closer to the online states, policy_loglik higher is closer to the current policy, "
             "actions_out_of_bounds: share of action dimensions generated outside the bounds (clamped onto them), "
             "dynamics errors (in units of the data's std) lower is more faithful, "
