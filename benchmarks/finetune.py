@@ -722,7 +722,8 @@ def plot_curves(runs: Dict[tuple, Dict[int, Dict[str, Any]]], pretrained: Dict[t
             steps = sorted(by_step)
             mean = np.array([np.mean(by_step[s]) for s in steps])
             std = np.array([np.std(by_step[s]) for s in steps])
-            ax.plot(steps, mean, label=f"{variant} ({len(seeds)} seeds)", color=colors[variant])
+            count = f"{len(seeds)} seed" + ("s" if len(seeds) > 1 else "")
+            ax.plot(steps, mean, label=f"{variant} ({count})", color=colors[variant])
             ax.fill_between(steps, mean - std, mean + std, alpha=0.15, color=colors[variant])
             losses: Dict[int, List[float]] = defaultdict(list)
             for run in seeds.values():
