@@ -1298,14 +1298,21 @@ def package_versions() -> Dict[str, str]:
 
 
 def run_machine(device: torch.device) -> Dict[str, Any]:
-    """Where the run ran, so that wall-clock numbers can be compared: CPU, cores, torch threads, device."""
-    cpu = platform.processor() or platform.machine()
+    """Where the run ran, so that wall-clock numbers can be compared: CPU, cores, torch threads, device. A virtual
+    machine's model name ("AMD EPYC") can hide the CPU's generation, so its family/model/stepping and the vector
+    instructions torch uses (AVX2, AVX512) are kept too: a one-thread run repeats exactly only where they match."""
+    cpu, cpu_id = platform.processor() or platform.machine(), ""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
+        info: Dict[str, str] = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+        cpu = info.get("model name", cpu)
+        cpu_id = " ".join(f"{key} {info[key]}" for key in ("cpu family", "model", "stepping") if key in info)
+    except OSError:
         pass
-    machine = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    machine = {"cpu": cpu, "cpu_id": cpu_id, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
     return machine

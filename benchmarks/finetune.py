@@ -50,7 +50,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -64,7 +63,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from table import ROOT, config_key, run_jobs  # noqa: E402
+from table import ROOT, config_key, cpu_description, run_jobs  # noqa: E402
 
 UNGUIDED = ["--edis.guidance_state", "0", "--edis.guidance_transition", "0", "--edis.guidance_policy", "0"]
 # No refresh ever comes and nothing is fitted, so the offline rows that stand in for generated ones until the
@@ -279,13 +278,10 @@ def record_sweep(log_dir: Path, argv: List[str]) -> None:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() \
-        else platform.processor()
     entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(["python", *argv]),
              "commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain",
                                                                                  "--untracked-files=no")),
-             "cpu": cpu, "cores": os.cpu_count(), "edis_data_dir": os.environ.get("EDIS_DATA_DIR", "")}
+             **cpu_description(), "cores": os.cpu_count(), "edis_data_dir": os.environ.get("EDIS_DATA_DIR", "")}
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "sweeps.jsonl", "a") as file:
         file.write(json.dumps(entry) + "\n")
@@ -491,9 +487,10 @@ COMPARISONS = [
     ("What guidance does, against the same loop with every scale 0:", "guided - unguided",
      [("", "_unguided"), ("_simulator_labels", "_simulator_labels_unguided")]),
 ]
-# Bootstrap samples for rliable's intervals, a tenth of rliable's default to keep a report under a minute on 2 cores:
-# an interval's ends then move by up to about 2 points (of 100) against 20,000 samples (the first sweep's Hopper
-# unguided IQM: [23.7, 87.4] here, [23.7, 85.3] at 20,000), far less than the intervals' widths at 3-5 seeds.
+# Bootstrap samples for rliable's intervals (report --bootstrap-reps), a tenth of rliable's default to keep a report
+# under a minute on 2 cores: an interval's ends then move by up to about 2 points (of 100) against 20,000 samples (the
+# first sweep's Hopper unguided IQM: [23.7, 87.4] here, [23.7, 85.3] at 20,000), far less than the intervals' widths
+# at 3-5 seeds.
 BOOTSTRAP_REPS = 2_000
 
 
@@ -502,7 +499,7 @@ def counterpart(variant: str, pairs: List[tuple]) -> Optional[str]:
     return next((family + against for suffix, against in pairs if variant == family + suffix), None)
 
 
-def interval_estimate(scores: Any, statistic: Callable[..., Any]) -> tuple:
+def interval_estimate(scores: Any, statistic: Callable[..., Any], reps: int) -> tuple:
     """rliable's point estimate and 95% stratified-bootstrap interval, with a fixed bootstrap seed (the same runs give
     the same report)."""
     import warnings
@@ -511,31 +508,33 @@ def interval_estimate(scores: Any, statistic: Callable[..., Any]) -> tuple:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # arch: RandomState will give way to Generator
-        estimate, interval = library.get_interval_estimates({"x": scores}, statistic, reps=BOOTSTRAP_REPS,
+        estimate, interval = library.get_interval_estimates({"x": scores}, statistic, reps=reps,
                                                             random_state=np.random.RandomState(0))
     low, high = np.ravel(interval["x"])
     return float(np.ravel(estimate["x"])[0]), float(low), float(high)
 
 
 @functools.lru_cache(maxsize=None)
-def iqm_interval(scores: tuple) -> tuple:
+def iqm_interval(scores: tuple, reps: int) -> tuple:
     """The interquartile mean of the runs' scores and its 95% interval."""
     from rliable import metrics
 
     return interval_estimate(np.asarray(scores, dtype=float).reshape(-1, 1),
-                             lambda x: np.array([metrics.aggregate_iqm(x)]))
+                             lambda x: np.array([metrics.aggregate_iqm(x)]), reps)
 
 
-def improvement_interval(scores: List[float], against: List[float]) -> tuple:
+def improvement_interval(scores: List[float], against: List[float], reps: int) -> tuple:
     """rliable's probability of improvement P(X > Y) (Mann-Whitney U over all pairs of runs, ties count 1/2) and
     its 95% interval."""
     from rliable import metrics
 
     return interval_estimate((np.asarray(scores, dtype=float).reshape(-1, 1),
-                              np.asarray(against, dtype=float).reshape(-1, 1)), metrics.probability_of_improvement)
+                              np.asarray(against, dtype=float).reshape(-1, 1)), metrics.probability_of_improvement,
+                             reps)
 
 
-def robust_statistics(runs: Dict[tuple, Dict[int, Dict[str, Any]]], score: Callable[[Dict[str, Any]], float]) -> str:
+def robust_statistics(runs: Dict[tuple, Dict[int, Dict[str, Any]]], score: Callable[[Dict[str, Any]], float],
+                      reps: int) -> str:
     """The estimates that few seeds and bimodal outcomes call for (Agarwal et al., NeurIPS 2021, via rliable):
     IQM of the final score with its 95% stratified-bootstrap interval, and the probability that a variant's run
     beats its base's (or its counterpart's), with its interval."""
@@ -543,7 +542,7 @@ def robust_statistics(runs: Dict[tuple, Dict[int, Dict[str, Any]]], score: Calla
              "|---|---|---|---|---|---|"]
     for (key, variant), seeds in sorted(runs.items()):
         scores = [score(seeds[s]) for s in sorted(seeds)]
-        iqm, low, high = iqm_interval(tuple(scores))
+        iqm, low, high = iqm_interval(tuple(scores), reps)
         lines.append(f"| {key} | {variant} | {len(scores)} | {iqm:.1f} [{low:.1f}, {high:.1f}] | {mean_std(scores)} "
                      f"| {' / '.join(f'{v:.1f}' for v in scores)} |")
     comparisons = ["| config | X | Y | P(X > Y) [95% CI] | X - Y paired by seed, mean ± std (ddof 0) |",
@@ -554,12 +553,12 @@ def robust_statistics(runs: Dict[tuple, Dict[int, Dict[str, Any]]], score: Calla
         for other in dict.fromkeys(o for o in others if o and o != variant and (key, o) in runs):
             against = runs[(key, other)]
             probability, low, high = improvement_interval([score(run) for run in seeds.values()],
-                                                          [score(run) for run in against.values()])
+                                                          [score(run) for run in against.values()], reps)
             paired = [score(seeds[s]) - score(against[s]) for s in sorted(seeds) if s in against]
             comparisons.append(f"| {key} | {variant} | {other} | {probability:.2f} [{low:.2f}, {high:.2f}] | "
                                f"{mean_std(paired)} ({len(paired)} seed{'s' if len(paired) > 1 else ''}) |")
     text = ("Final scores (the last evaluation of each run), with rliable's interquartile mean and 95% stratified-"
-            "bootstrap confidence interval over runs:\n\n" + "\n".join(lines))
+            f"bootstrap confidence interval over runs ({reps:,} bootstrap samples):\n\n" + "\n".join(lines))
     if len(comparisons) > 2:
         text += ("\n\nProbability of improvement (rliable): the chance that a run of X ends above a run of Y, "
                  "over all pairs of runs, with its 95% bootstrap interval; 0.5 is no difference:\n\n"
@@ -627,7 +626,7 @@ def report(args: argparse.Namespace) -> int:
                 rows.append(f"| {key} | {variant} | {change[0]} | {change[1]} |")
         if len(rows) > 2:
             table += f"\n\n{heading}\n\n" + "\n".join(rows)
-    table = robust_statistics(runs, final) + "\n\n" + table
+    table = robust_statistics(runs, final, args.bootstrap_reps) + "\n\n" + table
 
     # A critic that diverges on generated rows shows here before it shows in the score.
     critic = ["| config | variant | seeds | TD loss, first tenth of online steps | TD loss, last tenth "
@@ -676,13 +675,13 @@ def report(args: argparse.Namespace) -> int:
     for folder in outputs:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "finetune.md").write_text(text)
-        plot_curves(runs, pretrained, folder / "finetune.png")
+        plot_curves(runs, pretrained, folder / "finetune.png", args.bootstrap_reps)
     print("wrote " + ", ".join(str(folder / "finetune.md") for folder in outputs) + " and finetune.png")
     return 0
 
 
 def plot_curves(runs: Dict[tuple, Dict[int, Dict[str, Any]]], pretrained: Dict[tuple, Dict[int, Dict[str, Any]]],
-                path: Path) -> None:
+                path: Path, reps: int = BOOTSTRAP_REPS) -> None:
     """Per config, one column: score against online step (mean ± std over the seeds present at each step), the
     critic's TD loss (median and range over seeds, log scale), and each seed's final score per variant with the
     IQM and its 95% interval (a strip plot: with 3-5 seeds the points say more than a mean)."""
@@ -702,7 +701,7 @@ def plot_curves(runs: Dict[tuple, Dict[int, Dict[str, Any]]], pretrained: Dict[t
             finals = [run["evaluations"][max(run["evaluations"])] for _, run in sorted(runs[(key, variant)].items())]
             jitter = np.linspace(-0.15, 0.15, len(finals)) if len(finals) > 1 else np.zeros(1)
             strip_ax.scatter(finals, row + jitter, color=colors[variant], s=18, zorder=3)
-            iqm, low, high = iqm_interval(tuple(finals))
+            iqm, low, high = iqm_interval(tuple(finals), reps)
             strip_ax.plot([low, high], [row, row], color=colors[variant], alpha=0.4, linewidth=6, zorder=2)
             strip_ax.plot([iqm, iqm], [row - 0.3, row + 0.3], color="black", linewidth=1.5, zorder=4)
         strip_ax.set_yticks(range(len(present)), present, fontsize=7)
@@ -787,10 +786,14 @@ def main() -> int:
     report_parser = sub.add_parser("report", help="table and learning curves of finished runs")
     report_parser.add_argument("--log-dir", default="runs/finetune")
     report_parser.add_argument("--out", default="", help="also write finetune.md and finetune.png here")
+    report_parser.add_argument("--bootstrap-reps", type=int, default=BOOTSTRAP_REPS,
+                               help="bootstrap samples for each rliable interval (rliable's default: 20,000)")
     status_parser = sub.add_parser("status", help="what the sweep in --log-dir has finished, and the time left")
     status_parser.add_argument("--log-dir", default="runs/finetune")
     status_parser.add_argument("--workers", type=int, default=2, help="runs at a time, for the time left")
     args = parser.parse_args()
+    if args.command == "report" and args.bootstrap_reps < 1:
+        parser.error("--bootstrap-reps must be at least 1")
     if args.command == "run":
         if args.threads_per_run < 1 or (args.workers is not None and args.workers < 1):
             parser.error("--workers and --threads-per-run must be at least 1")

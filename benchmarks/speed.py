@@ -30,7 +30,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -43,6 +42,9 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 import torch
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from table import cpu_description  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -82,15 +84,9 @@ def median_seconds(work: Callable[[], Any], device: torch.device, repeats: int, 
 
 def machine(threads: bool = True) -> str:
     """This machine; `threads`: with this process's torch threads (not when it only reads others' runs)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    described = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    cpu = cpu_description()
+    described = f"{cpu['cpu']} ({cpu['cpu_id'] or 'family unknown'}, {torch.backends.cpu.get_cpu_capability()}), " \
+        f"{os.cpu_count()} cores, torch {torch.__version__}"
     return f"{described}, {torch.get_num_threads()} thread(s)" if threads else described
 
 

@@ -32,6 +32,7 @@ Anything after `--` is passed to every run, e.g. `-- --device cuda --wandb_mode 
 import argparse
 import json
 import os
+import platform
 import shlex
 import shutil
 import signal
@@ -46,6 +47,20 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((Path(__file__).with_name("reference_scores.json")).read_text())
+
+
+def cpu_description() -> Dict[str, str]:
+    """This machine's CPU: its model name and, since a virtual machine's name ("AMD EPYC") can hide the generation,
+    its family, model and stepping (one-thread runs repeat exactly only on the same kind of CPU)."""
+    info: Dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return {"cpu": info.get("model name") or platform.processor() or platform.machine(),
+            "cpu_id": " ".join(f"{key} {info[key]}" for key in ("cpu family", "model", "stepping") if key in info)}
 
 
 def config_key(path: str) -> str:

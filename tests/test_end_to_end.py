@@ -47,6 +47,8 @@ def test_run_writes_summary_metrics_and_checkpoints(algorithm, tmp_path):
         f"(best {online['best_normalized_score']:.1f}); summary: {run_dir / 'summary.json'}")
     # wall-clock numbers are only comparable with the threads and device they ran on
     assert summary["machine"]["torch_threads"] >= 1 and summary["machine"]["device"] == "cpu"
+    # and one-thread runs repeat exactly only on the same kind of CPU: the vector instructions torch used are named
+    assert summary["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
     records = read_metrics(run_dir)
     assert all({"step", "phase"} <= set(record) for record in records)

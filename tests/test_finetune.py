@@ -89,7 +89,7 @@ def test_report_pairs_each_variant_with_its_base_per_seed(tmp_path):
                   [{"edis/state_mmd_guided": 0.1 + seed, "edis/state_mmd_unguided": 0.3}])
     (tmp_path / f"iql_edis_unguided--{key}--seed0").mkdir()  # unfinished: skipped and said so
     out = tmp_path / "results"
-    result = finetune("report", "--log-dir", str(tmp_path), "--out", str(out))
+    result = finetune("report", "--bootstrap-reps", "200", "--log-dir", str(tmp_path), "--out", str(out))
     assert result.returncode == 0, result.stderr
     score_table = next(part for part in result.stdout.split("\n\n")
                        if part.startswith("| config | variant | seeds | offline"))
@@ -115,7 +115,7 @@ def test_report_tells_the_samples_effect_from_the_batch_mix(tmp_path):
         write_run(tmp_path / f"iql_edis_unguided--{key}--seed{seed}", {300: unguided}, 200)
     write_run(tmp_path / f"iql_edis_simulator_labels--{key}--seed1", {300: 46.0}, 200)
     write_run(tmp_path / f"iql_edis_reference--{key}--seed0", {300: 60.0}, 200)  # another loop: not paired
-    result = finetune("report", "--log-dir", str(tmp_path))
+    result = finetune("report", "--bootstrap-reps", "200", "--log-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     samples = result.stdout.split("What the generated samples do, apart from the batch mix:")[1].split("\n\n")[1]
     rows = [line for line in samples.splitlines() if line.startswith("| cpu/")]
@@ -141,7 +141,7 @@ def test_report_gives_rliable_estimates_and_pairs_guided_with_unguided_under_sim
     for variant, finals in scores.items():
         for seed, final in enumerate(finals):
             write_run(tmp_path / f"{variant}--{key}--seed{seed}", {300: final}, 200)
-    result = finetune("report", "--log-dir", str(tmp_path))
+    result = finetune("report", "--bootstrap-reps", "200", "--log-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     rows = {line.split(" | ")[1]: line for line in result.stdout.split("\n\n")[1].splitlines()
             if line.startswith("| cpu/")}
@@ -178,7 +178,7 @@ def test_report_shows_a_diverging_critic_per_seed(tmp_path):
     calql = {step: {"train/qf1_loss": 3.0, "train/qf2_loss": 9.0, "train/average_qf1": 7.0}
              for step in range(200, 301, 10)}
     write_run(tmp_path / f"calql--{key}--seed0", {300: 40.0}, 200, critic=calql)
-    result = finetune("report", "--log-dir", str(tmp_path), "--out", str(tmp_path / "out"))
+    result = finetune("report", "--bootstrap-reps", "200", "--log-dir", str(tmp_path), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     rows = {line.split(" | ")[1]: line for line in result.stdout.split("The critic during fine-tuning")[1]
             .split("\n\n")[1].splitlines() if line.startswith("| cpu/")}
@@ -213,6 +213,10 @@ def test_a_sweep_on_a_fresh_machine_remakes_a_lost_checkpoint_and_refuses_a_diff
     provenance = json.loads((log_dir / "sweeps.jsonl").read_text().splitlines()[0])
     assert len(provenance["commit"]) == 40 and "--data-dir" in provenance["command"]
     assert provenance["edis_data_dir"] == str(data_dir.resolve())
+    cpu_id = next((line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("cpu family")), None) if Path("/proc/cpuinfo").is_file() else None
+    if cpu_id is not None:  # the CPU's generation, which a virtual machine's model name can hide
+        assert provenance["cpu_id"].startswith(f"cpu family {cpu_id} model ")
 
     # A fresh machine: the records came back, the checkpoint did not, and one fine-tuning run is still to do.
     shutil.rmtree(log_dir / "checkpoints")
