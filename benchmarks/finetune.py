@@ -506,10 +506,17 @@ def interval_estimate(scores: Any, statistic: Callable[..., Any], reps: int) -> 
 
     from rliable import library
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # arch: RandomState will give way to Generator
-        estimate, interval = library.get_interval_estimates({"x": scores}, statistic, reps=reps,
-                                                            random_state=np.random.RandomState(0))
+    # rliable draws its resampling indices from numpy's global generator, not from random_state: seed that too (and
+    # put it back), or each process draws other samples and the same runs give other intervals
+    global_state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # arch: RandomState will give way to Generator
+            estimate, interval = library.get_interval_estimates({"x": scores}, statistic, reps=reps,
+                                                                random_state=np.random.RandomState(0))
+    finally:
+        np.random.set_state(global_state)
     low, high = np.ravel(interval["x"])
     return float(np.ravel(estimate["x"])[0]), float(low), float(high)
 

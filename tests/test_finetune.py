@@ -274,3 +274,24 @@ def test_status_lists_every_planned_run_and_estimates_the_time_left(tmp_path):
     assert "left: about 2.2 h of one core, 1.1 h at 2 runs at a time (" in result.stdout
     missing = finetune("status", "--log-dir", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "sweeps.jsonl" in missing.stderr
+
+
+def test_bootstrap_intervals_do_not_depend_on_numpys_global_generator():
+    """rliable resamples with numpy's global generator: the report seeds it, so the same runs give the same intervals
+    in every process (and leaves the caller's generator as it was)."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import finetune as module
+
+    scores = np.array([3.0, 11.0, 17.0, 26.0, 31.0, 45.0, 52.0, 68.0, 74.0, 90.0]).reshape(-1, 1)
+
+    def iqm(x):
+        return np.array([np.mean(np.sort(x.ravel())[len(x) // 4: len(x) - len(x) // 4])])
+
+    intervals = []
+    for seed in (1, 2):
+        np.random.seed(seed)
+        intervals.append(module.interval_estimate(scores, iqm, 200))
+        assert np.random.get_state()[1][0] == np.random.RandomState(seed).get_state()[1][0]
+    assert intervals[0] == intervals[1]
