@@ -502,19 +502,14 @@ def counterpart(variant: str, pairs: List[tuple]) -> Optional[str]:
 def interval_estimate(scores: Any, statistic: Callable[..., Any], reps: int) -> tuple:
     """rliable's point estimate and 95% stratified-bootstrap interval, with a fixed bootstrap seed (the same runs give
     the same report)."""
-    import warnings
-
     from rliable import library
 
-    # rliable draws its resampling indices from numpy's global generator, not from random_state: seed that too (and
-    # put it back), or each process draws other samples and the same runs give other intervals
+    # rliable draws its resampling indices from numpy's global generator (its random_state never reaches them): seed
+    # that for the call and put it back, or each process draws other samples and the same runs give other intervals
     global_state = np.random.get_state()
     np.random.seed(0)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # arch: RandomState will give way to Generator
-            estimate, interval = library.get_interval_estimates({"x": scores}, statistic, reps=reps,
-                                                                random_state=np.random.RandomState(0))
+        estimate, interval = library.get_interval_estimates({"x": scores}, statistic, reps=reps)
     finally:
         np.random.set_state(global_state)
     low, high = np.ravel(interval["x"])
